@@ -1,0 +1,79 @@
+"""Link: one client channel mapped onto one upstream channel, and its close bookkeeping.
+
+A channel is closed exactly once on each side. Each side (client, upstream) keeps four flags:
+Close sent, Close received, Close-Ok sent, Close-Ok received. A side is finished when every
+Close it sent was answered and every Close it received was answered; only then is that side's
+channel id released (the upstream id after the broker's Close-Ok, never earlier, so a reused id
+can never receive a stale reply). Both peers may close at once; RabbitMQ answers a Close on a
+closing channel with Close-Ok, so the rule holds then too.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import TYPE_CHECKING
+
+from .protocol.rules import ChannelGuard
+
+if TYPE_CHECKING:
+    from .client import ClientSession
+    from .upstream import Upstream
+
+OPENING = "opening"
+OPEN = "open"
+
+
+class Link(ChannelGuard):
+    __slots__ = (
+        "client",
+        "client_channel",
+        "upstream",
+        "upstream_channel",
+        "state",
+        "c_close_sent",
+        "c_close_received",
+        "c_close_ok_sent",
+        "c_close_ok_received",
+        "u_close_sent",
+        "u_close_received",
+        "u_close_ok_sent",
+        "u_close_ok_received",
+        "pending_declares",
+        "pending_deletes",
+    )
+
+    def __init__(
+        self, client: ClientSession | None, client_channel: int, upstream: Upstream, upstream_channel: int
+    ) -> None:
+        super().__init__()
+        self.client = client
+        self.client_channel = client_channel
+        self.upstream = upstream
+        self.upstream_channel = upstream_channel
+        self.state = OPENING
+        self.c_close_sent = self.c_close_received = self.c_close_ok_sent = self.c_close_ok_received = False
+        self.u_close_sent = self.u_close_received = self.u_close_ok_sent = self.u_close_ok_received = False
+        # Replies the proxy must read (spec: synchronous replies come in request order per channel).
+        self.pending_declares: deque[bool] = deque()  # exclusive flag per queue.declare awaiting -ok
+        self.pending_deletes: deque[str] = deque()  # queue names per queue.delete awaiting -ok
+
+    @property
+    def closing(self) -> bool:
+        return self.c_close_sent or self.c_close_received or self.u_close_sent or self.u_close_received
+
+    def client_side_done(self) -> bool:
+        if not (self.c_close_sent or self.c_close_received):
+            return self.client is None
+        return (not self.c_close_received or self.c_close_ok_sent) and (
+            not self.c_close_sent or self.c_close_ok_received
+        )
+
+    def upstream_side_done(self) -> bool:
+        if not (self.u_close_sent or self.u_close_received):
+            return False
+        return (not self.u_close_sent or self.u_close_ok_received) and (
+            not self.u_close_received or self.u_close_ok_sent
+        )
+
+    def __repr__(self) -> str:
+        return f"Link(c{self.client_channel}->u{self.upstream_channel} {self.state})"

@@ -1,0 +1,38 @@
+"""Command line entry point: parse options (exit 2 on a bad one), set up logging, run the proxy."""
+
+from __future__ import annotations
+
+from gevent import monkey
+
+monkey.patch_all()
+
+import logging  # noqa: E402
+import sys  # noqa: E402
+
+from .config import ConfigError, fail, parse_config  # noqa: E402
+from .logsetup import setup_logging  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        config = parse_config(sys.argv[1:] if argv is None else argv)
+    except ConfigError as exc:
+        fail(str(exc))
+    setup_logging(config.log_level, config.log_format)
+    from .server import Proxy
+
+    proxy = Proxy(config)
+    try:
+        proxy.start()
+    except OSError as exc:
+        logging.getLogger("amqproxy").error(
+            "cannot listen", extra={"event": "listen_failed", "error": str(exc)}
+        )
+        print(f"amqproxy: error: cannot listen: {exc}", file=sys.stderr)
+        return 2
+    proxy.serve_forever()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,630 @@
+"""ClientSession: one downstream AMQP connection, from the protocol header to the last Close-Ok.
+
+Greenlets: the StreamServer handler greenlet runs `run()`: the handshake, then the forwarding
+loop that alone reads the client socket; one `Outbox` alone writes it. The loop routes each
+client frame by channel id onto the linked upstream channel (rewriting only the channel id),
+after the checks in `protocol.rules` that keep one client's mistakes off shared connections.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import socket
+import struct
+import time
+from typing import TYPE_CHECKING, Any
+
+import gevent
+from gevent.event import Event
+
+from .channel import Link
+from .outbox import Outbox
+from .protocol import constants as c
+from .protocol.codec import DecodeError, decode_method, encode_method, method_name
+from .protocol.errors import ProtocolError
+from .protocol.frames import (
+    FRAME_HEADER_STRUCT,
+    HEARTBEAT_FRAME,
+    FrameReader,
+    append_split_body,
+    method_frame,
+)
+from .protocol.handshake import (
+    AuthError,
+    Credentials,
+    client_capabilities,
+    negotiate,
+    parse_credentials,
+    start_payload,
+    tune_payload,
+)
+from .protocol.rules import CLIENT_CHANNEL_METHODS, QUEUE_ACCESS_METHODS, check_ack_layout
+from .upstream import UpstreamError
+
+if TYPE_CHECKING:
+    from .server import Proxy
+    from .upstream import Upstream
+
+log = logging.getLogger("amqproxy.client")
+
+_METHOD_ID = struct.Struct(">HH")
+_RECV_SIZE = 256 * 1024
+_ACKS = frozenset({c.BASIC_ACK, c.BASIC_NACK, c.BASIC_REJECT})
+_CLOSE_OK_WAIT = 3.0  # how long a client gets to answer our Connection.Close
+_ids = itertools.count(1)
+_id_prefix = f"{os.getpid() % 0xFFFF:04x}"
+
+
+class _Refused(Exception):
+    """The handshake ends here; the client has been told why (or the socket just closes)."""
+
+
+class ClientSession:
+    def __init__(self, proxy: Proxy, sock: socket.socket, address: tuple[Any, ...]) -> None:
+        self.proxy = proxy
+        self.pool = proxy.pool
+        self.config = proxy.config
+        self.sock = sock
+        self.address = f"{address[0]}:{address[1]}" if len(address) >= 2 else str(address)
+        self.id = f"{_id_prefix}-{next(_ids):x}"
+        self.channels: dict[int, Link] = {}
+        self.capabilities: frozenset[str] = frozenset()
+        self.credentials: Credentials | None = None
+        self.vhost: str | None = None
+        self.pool_key: tuple[str, str, str] = ("", "", "")
+        self.channel_max = 0
+        self.max_body = c.PRE_TUNE_FRAME_MAX - c.FRAME_OVERHEAD
+        self.heartbeat = 0
+        self.opened_at = time.monotonic()
+        self.last_recv = self.opened_at
+        self.last_upstream: Upstream | None = None
+        self.blocked_by: set[Upstream] = set()
+        self.closing = False
+        self.close_reason = ""
+        self.outbox = Outbox(sock, self._on_write_error, high_watermark=self.config.client_buffer)
+        self._reader = FrameReader(c.PRE_TUNE_FRAME_MAX)
+        self._torn_down = False
+        self.throttled = False  # waiting for an upstream to drain: our reads are paused on purpose
+
+    def __repr__(self) -> str:
+        return f"ClientSession({self.id} {self.address})"
+
+    def _log_extra(self, event: str, **fields: Any) -> dict[str, Any]:
+        extra = {"event": event, "client_id": self.id, "remote": self.address}
+        if self.credentials is not None:
+            extra["user"] = self.credentials.username
+        if self.vhost is not None:
+            extra["vhost"] = self.vhost
+        extra.update(fields)
+        return extra
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def run(self) -> None:
+        try:
+            try:
+                with gevent.Timeout(self.config.handshake_timeout, _Refused("handshake timeout")):
+                    self._handshake()
+            except _Refused as exc:
+                self.close_reason = str(exc)
+                return
+            log.info("client connected", extra=self._log_extra("client_open"))
+            self._forward_loop()
+        except ProtocolError as exc:
+            self._protocol_failure(exc)
+        except (OSError, gevent.Timeout) as exc:
+            if not self.close_reason:
+                self.close_reason = f"socket error: {exc}"
+        finally:
+            self._teardown()
+            # Flush what is queued (a final Close-Ok), then let StreamServer close the socket.
+            self.outbox.close_when_drained()
+            self.outbox.join(_CLOSE_OK_WAIT)
+            self.outbox.kill()
+
+    def _protocol_failure(self, exc: ProtocolError) -> None:
+        log.warning(
+            "client protocol error",
+            extra=self._log_extra("client_protocol_error", reply_code=exc.reply_code, reply_text=exc.text),
+        )
+        self.close_connection(exc.reply_code, exc.text, exc.method)
+        self._await_close_ok()
+
+    def _await_close_ok(self) -> None:
+        """After our Connection.Close, drop everything until Close-Ok (spec 1.4.2.5) or the grace ends."""
+        reader = self._reader
+        try:
+            with gevent.Timeout(_CLOSE_OK_WAIT, False):
+                while True:
+                    while (frame := reader.next_frame()) is not None:
+                        frame_type, channel, start, end = frame
+                        if channel == 0 and frame_type == c.FRAME_METHOD:
+                            method = _METHOD_ID.unpack_from(reader.buffer, start)
+                            if method == c.CONNECTION_CLOSE:
+                                self.outbox.put(method_frame(0, encode_method(c.CONNECTION_CLOSE_OK)))
+                                return
+                            if method == c.CONNECTION_CLOSE_OK:
+                                return
+                    reader.compact()
+                    data = self.sock.recv(_RECV_SIZE)
+                    if not data:
+                        return
+                    reader.feed(data)
+        except (OSError, ProtocolError):
+            return
+
+    def close_connection(self, reply_code: int, text: str, method: tuple[int, int] = (0, 0)) -> None:
+        """Send Connection.Close and release every upstream channel now. Never blocks; idempotent."""
+        if self.closing:
+            return
+        self.closing = True
+        self.close_reason = text
+        self._release_channels()
+        self.outbox.put(
+            method_frame(
+                0,
+                encode_method(
+                    c.CONNECTION_CLOSE, reply_code=reply_code, reply_text=text, class_id=method[0], method_id=method[1]
+                ),
+            )
+        )
+        # Bound the wait for the client's Close-Ok even when this was called from another
+        # greenlet (an upstream reader) while the session's read loop sits in recv().
+        gevent.spawn_later(_CLOSE_OK_WAIT + 0.5, self._shutdown_socket)
+
+    def _shutdown_socket(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def abort(self, reason: str) -> None:
+        """Drop the connection without a Close (the client cannot take more bytes, or is dead)."""
+        if not self.close_reason:
+            self.close_reason = reason
+        log.warning("client aborted", extra=self._log_extra("client_abort", reason=reason))
+        self.closing = True
+        self.outbox.kill()
+        self._shutdown_socket()
+
+    def _teardown(self) -> None:
+        if self._torn_down:
+            return
+        self._torn_down = True
+        self.closing = True
+        self._release_channels()
+        for upstream, names in self.pool.exclusive.release_client(self).items():
+            if upstream.state == "open":
+                upstream.delete_queues(names)
+        self.proxy.forget(self)
+        if self.vhost is not None:
+            self.proxy.metrics.client_closed(self)
+        if self.credentials is not None:
+            log.info(
+                "client disconnected",
+                extra=self._log_extra(
+                    "client_close",
+                    reason=self.close_reason or "client closed",
+                    duration_s=round(time.monotonic() - self.opened_at, 3),
+                ),
+            )
+
+    def _release_channels(self) -> None:
+        """Close the upstream side of every channel exactly once; the client side ends with us."""
+        links = list(self.channels.values())
+        self.channels.clear()
+        for link in links:
+            link.client = None
+            upstream = link.upstream
+            if upstream.state == "open":
+                upstream.close_channel(link, 200, "client connection closed")
+            else:
+                upstream.release(link)
+
+    def forget(self, link: Link) -> None:
+        if self.channels.get(link.client_channel) is link:
+            del self.channels[link.client_channel]
+
+    # ------------------------------------------------------------------ handshake
+
+    def _read_handshake_method(self, expected: tuple[int, int]) -> dict[str, Any]:
+        reader = self._reader
+        while True:
+            frame = reader.next_frame()
+            if frame is None:
+                data = self.sock.recv(65536)
+                if not data:
+                    raise _Refused("client closed during the handshake")
+                self.last_recv = time.monotonic()
+                reader.feed(data)
+                continue
+            frame_type, channel, start, end = frame
+            if frame_type == c.FRAME_HEARTBEAT:
+                continue
+            if frame_type != c.FRAME_METHOD or channel != 0:
+                raise ProtocolError(c.UNEXPECTED_FRAME, f"expected {method_name(expected)} on channel 0")
+            try:
+                method, args = decode_method(bytes(reader.buffer[start:end]))
+            except DecodeError as exc:
+                raise ProtocolError(c.FRAME_ERROR, f"cannot decode {method_name(expected)}: {exc}") from exc
+            reader.compact()
+            if method == c.CONNECTION_CLOSE:
+                self.outbox.put(method_frame(0, encode_method(c.CONNECTION_CLOSE_OK)))
+                raise _Refused("client closed during the handshake")
+            if method != expected:
+                raise ProtocolError(
+                    c.COMMAND_INVALID, f"expected {method_name(expected)}, got {method_name(method)}", method
+                )
+            return args
+
+    def _handshake(self) -> None:
+        header = b""
+        while len(header) < 8:
+            data = self.sock.recv(8 - len(header))
+            if not data:
+                raise _Refused("client closed before the protocol header")
+            header += data
+            if not c.PROTOCOL_HEADER.startswith(header[:4]):
+                break
+        if header != c.PROTOCOL_HEADER:
+            # Spec 4.2.2: answer an unsupported header with ours, then close.
+            self.outbox.put(c.PROTOCOL_HEADER)
+            self.proxy.metrics.protocol_header_rejected()
+            raise _Refused("unsupported protocol header")
+        self.outbox.put(method_frame(0, start_payload()))
+        start_ok = self._read_handshake_method(c.CONNECTION_START_OK)
+        self.capabilities = client_capabilities(start_ok["client_properties"])
+        try:
+            credentials = parse_credentials(start_ok["mechanism"], start_ok["response"])
+        except AuthError as exc:
+            self._refuse(exc.reply_code, exc.text, c.CONNECTION_START_OK, "auth")
+        self.credentials = credentials
+        try:
+            self.pool.authenticate(credentials)
+        except UpstreamError as exc:
+            self._refuse_upstream(exc, c.CONNECTION_START_OK)
+        channel_max = negotiate(self.config.channel_max, self.pool.channel_max)
+        frame_max = negotiate(self.config.frame_max, self.pool.frame_max)
+        self.outbox.put(method_frame(0, tune_payload(channel_max, frame_max, self.config.client_heartbeat)))
+        tune_ok = self._read_handshake_method(c.CONNECTION_TUNE_OK)
+        if tune_ok["frame_max"] and tune_ok["frame_max"] < c.FRAME_MIN_SIZE:
+            raise ProtocolError(
+                c.NOT_ALLOWED, f"frame_max={tune_ok['frame_max']} < {c.FRAME_MIN_SIZE} min size", c.CONNECTION_TUNE_OK
+            )
+        if tune_ok["frame_max"] > frame_max:
+            raise ProtocolError(
+                c.NOT_ALLOWED, f"frame_max={tune_ok['frame_max']} > {frame_max} max size", c.CONNECTION_TUNE_OK
+            )
+        if tune_ok["channel_max"] > channel_max:
+            raise ProtocolError(
+                c.NOT_ALLOWED, f"channel_max={tune_ok['channel_max']} > {channel_max} max channels",
+                c.CONNECTION_TUNE_OK,
+            )
+        self.channel_max = tune_ok["channel_max"] or channel_max
+        client_frame_max = tune_ok["frame_max"] or frame_max
+        self.max_body = client_frame_max - c.FRAME_OVERHEAD
+        self._reader.max_frame_size = client_frame_max
+        self.heartbeat = tune_ok["heartbeat"]
+        open_args = self._read_handshake_method(c.CONNECTION_OPEN)
+        vhost = open_args["virtual_host"]
+        try:
+            self.pool.open_vhost(credentials, vhost)
+        except UpstreamError as exc:
+            self._refuse_upstream(exc, c.CONNECTION_OPEN)
+        self.vhost = vhost
+        self.pool_key = (credentials.username, credentials.password, vhost)
+        self.outbox.put(method_frame(0, encode_method(c.CONNECTION_OPEN_OK)))
+        self.proxy.metrics.client_opened(self)
+
+    def _refuse_upstream(self, exc: UpstreamError, method: tuple[int, int]) -> None:
+        if exc.reply_code:
+            # The broker's own verdict (403 ACCESS_REFUSED, 530 NOT_ALLOWED "vhost ... not found").
+            self._refuse(exc.reply_code, exc.text, method, "auth" if exc.reply_code == 403 else "vhost")
+        self._refuse(
+            c.CONNECTION_FORCED, f"CONNECTION_FORCED - upstream unavailable: {exc.text}"[:255], method, "upstream"
+        )
+
+    def _refuse(self, reply_code: int, text: str, method: tuple[int, int], reason: str) -> None:
+        self.proxy.metrics.client_refused(reason)
+        log.warning(
+            "client refused",
+            extra=self._log_extra("client_refused", reason=reason, reply_code=reply_code, reply_text=text),
+        )
+        if reply_code == c.ACCESS_REFUSED and method == c.CONNECTION_START_OK:
+            if "authentication_failure_close" not in self.capabilities:
+                # Spec behaviour for clients that did not ask for a Close: just drop the socket.
+                raise _Refused(text)
+        self.closing = True
+        self.outbox.put(
+            method_frame(
+                0,
+                encode_method(
+                    c.CONNECTION_CLOSE, reply_code=reply_code, reply_text=text, class_id=method[0], method_id=method[1]
+                ),
+            )
+        )
+        self._await_close_ok()
+        raise _Refused(text)
+
+    # ------------------------------------------------------------------ forwarding (hot path)
+
+    def _forward_loop(self) -> None:
+        sock = self.sock
+        reader = self._reader
+        channels = self.channels
+        pack_header = FRAME_HEADER_STRUCT.pack
+        unpack_method = _METHOD_ID.unpack_from
+        while True:
+            if self.closing:
+                self._await_close_ok()
+                return
+            data = sock.recv(_RECV_SIZE)
+            if not data:
+                self.close_reason = self.close_reason or "client closed the socket"
+                return
+            self.last_recv = time.monotonic()
+            reader.feed(data)
+            batches: dict[Upstream, bytearray] = {}
+            buf = reader.buffer
+            with memoryview(buf) as view:
+                while not self.closing and (frame := reader.next_frame()) is not None:
+                    frame_type, channel, start, end = frame
+                    if channel == 0:
+                        if self._on_connection_frame(frame_type, view[start:end]):
+                            return
+                        continue
+                    link = channels.get(channel)
+                    if frame_type == c.FRAME_METHOD:
+                        method = unpack_method(buf, start)
+                        if link is None:
+                            if method == c.CHANNEL_OPEN:
+                                self._flush(batches)
+                                link = self._open_channel(channel)
+                            else:
+                                raise ProtocolError(c.CHANNEL_ERROR, "expected 'channel.open'", method)
+                        elif link.closing:
+                            self._on_closing_channel_method(link, method)
+                            continue
+                        elif method == c.BASIC_PUBLISH:
+                            link.on_publish(buf, start, end)
+                        elif method in _ACKS:
+                            link.on_method(method)
+                            check_ack_layout(method, end - start)
+                        elif not self._on_control_method(link, method, view[start:end]):
+                            continue
+                    elif link is None:
+                        if frame_type == c.FRAME_HEARTBEAT:
+                            raise ProtocolError(c.FRAME_ERROR, "heartbeat frame on non-zero channel")
+                        raise ProtocolError(c.UNEXPECTED_FRAME, "expected method frame, got non method frame instead")
+                    elif link.closing:
+                        continue
+                    elif frame_type == c.FRAME_HEADER:
+                        link.on_header(buf, start, end)
+                    elif frame_type == c.FRAME_BODY:
+                        link.on_body(end - start)
+                        if end - start > link.upstream.max_body:
+                            out = batches.get(link.upstream)
+                            if out is None:
+                                out = batches[link.upstream] = bytearray()
+                            append_split_body(out, link.upstream_channel, view[start:end], link.upstream.max_body)
+                            continue
+                    else:
+                        raise ProtocolError(c.FRAME_ERROR, "heartbeat frame on non-zero channel")
+                    upstream = link.upstream
+                    out = batches.get(upstream)
+                    if out is None:
+                        out = batches[upstream] = bytearray()
+                    out += pack_header(frame_type, link.upstream_channel, end - start)
+                    out += view[start : end + 1]
+            reader.compact()
+            self._flush(batches)
+
+    def _flush(self, batches: dict[Upstream, bytearray]) -> None:
+        if not batches:
+            return
+        for upstream, out in batches.items():
+            upstream.send(out)
+        for upstream in batches:
+            # Backpressure: a publisher faster than its upstream waits here, its socket unread,
+            # as RabbitMQ itself stops reading a connection under flow control.
+            outbox = upstream.outbox
+            if outbox is not None and outbox.buffered > outbox.high_watermark:
+                self.throttled = True
+                try:
+                    outbox.wait_for_room()
+                finally:
+                    self.throttled = False
+                    self.last_recv = time.monotonic()
+        batches.clear()
+
+    def _on_connection_frame(self, frame_type: int, payload: memoryview) -> bool:
+        """Channel 0 after the handshake. Returns True when the session should end."""
+        if frame_type == c.FRAME_HEARTBEAT:
+            return False
+        if frame_type != c.FRAME_METHOD:
+            raise ProtocolError(c.UNEXPECTED_FRAME, "expected method frame, got non method frame instead")
+        try:
+            method, args = decode_method(payload)
+        except DecodeError as exc:
+            raise ProtocolError(c.FRAME_ERROR, f"cannot decode connection method: {exc}") from exc
+        if method == c.CONNECTION_CLOSE:
+            self.close_reason = f"client closed ({args['reply_code']} {args['reply_text']})"
+            self.closing = True
+            self._release_channels()
+            self.outbox.put(method_frame(0, encode_method(c.CONNECTION_CLOSE_OK)))
+            return True
+        if method == c.CONNECTION_CLOSE_OK:
+            return self.closing
+        if method == c.CONNECTION_UPDATE_SECRET:
+            # Token-refreshing clients: acknowledge so they keep working. Pooled upstreams stay
+            # keyed by the secret they logged in with.
+            self.outbox.put(method_frame(0, encode_method(c.CONNECTION_UPDATE_SECRET_OK)))
+            log.info("client updated its secret", extra=self._log_extra("client_update_secret"))
+            return False
+        raise ProtocolError(c.CHANNEL_ERROR, "unexpected method in connection state running", method)
+
+    def _open_channel(self, channel: int) -> Link:
+        if channel > self.channel_max:
+            raise ProtocolError(c.CHANNEL_ERROR, f"channel id {channel} out of range (channel_max {self.channel_max})")
+        try:
+            link = self.pool.attach(self, channel)
+        except UpstreamError as exc:
+            raise ProtocolError(c.CONNECTION_FORCED, f"upstream unavailable: {exc.text}", c.CHANNEL_OPEN) from exc
+        self.channels[channel] = link
+        upstream = link.upstream
+        self.last_upstream = upstream
+        if upstream.blocked_reason is not None:
+            self.upstream_blocked(upstream, upstream.blocked_reason)
+        return link
+
+    def _on_control_method(self, link: Link, method: tuple[int, int], payload: memoryview) -> bool:
+        """Check and interpret a control-plane method; returns whether to forward the frame."""
+        if method == c.CHANNEL_OPEN:
+            raise ProtocolError(c.COMMAND_INVALID, "second 'channel.open' seen", method)
+        link.on_method(method)
+        if method not in CLIENT_CHANNEL_METHODS:
+            raise ProtocolError(c.COMMAND_INVALID, f"unimplemented method {method_name(method)}", method)
+        try:
+            method, args = decode_method(payload)
+        except DecodeError as exc:
+            raise ProtocolError(c.FRAME_ERROR, f"cannot decode {method_name(method)}: {exc}", method) from exc
+        link.check_control(method, args)
+        if method == c.CHANNEL_CLOSE:
+            self._on_client_channel_close(link)
+            return True
+        if method == c.CHANNEL_CLOSE_OK:
+            return False  # nothing to acknowledge on an open channel
+        if method in QUEUE_ACCESS_METHODS:
+            queue = args["queue"]
+            owner = self.pool.exclusive.owner(self.vhost or "", queue) if queue else None
+            if owner is not None and owner is not self:
+                self._proxy_close_channel(
+                    link,
+                    c.RESOURCE_LOCKED,
+                    f"cannot obtain exclusive access to locked queue '{queue}' in vhost '{self.vhost}'. "
+                    "It could be originally declared on another connection or the exclusive property "
+                    "value does not match that of the original declaration.",
+                    method,
+                )
+                return False
+            if method == c.QUEUE_DECLARE:
+                exclusive = args["exclusive"] and not args["passive"]
+                if args["nowait"]:
+                    if exclusive and queue:
+                        self.pool.exclusive.add(self.vhost or "", queue, self, link.upstream)
+                else:
+                    link.pending_declares.append(exclusive)
+            elif method == c.QUEUE_DELETE:
+                if args["nowait"]:
+                    self.pool.exclusive.remove(self.vhost or "", queue)
+                else:
+                    link.pending_deletes.append(queue)
+            elif method == c.BASIC_CONSUME and args["consumer_tag"]:
+                link.consumer_tags.add(args["consumer_tag"])
+        return True
+
+    def _on_client_channel_close(self, link: Link) -> None:
+        """The client closes an open channel: the broker's Close-Ok will answer it."""
+        link.c_close_received = True
+        link.reset()
+        link.u_close_sent = True
+
+    def _on_closing_channel_method(self, link: Link, method: tuple[int, int]) -> None:
+        """On a closing channel only Close and Close-Ok matter (spec 1.5.2.5); the rest is dropped."""
+        upstream = link.upstream
+        if method == c.CHANNEL_CLOSE:
+            if link.c_close_received:
+                return  # a duplicate Close: never let it reach the shared connection
+            link.c_close_received = True
+            if link.u_close_received and not link.u_close_sent:
+                # The broker is closing this channel too; it answers our Close with Close-Ok.
+                link.u_close_sent = True
+                upstream.send_method(link.upstream_channel, c.CHANNEL_CLOSE, reply_code=200, reply_text="")
+            else:
+                link.c_close_ok_sent = True
+                self.outbox.put(method_frame(link.client_channel, encode_method(c.CHANNEL_CLOSE_OK)))
+        elif method == c.CHANNEL_CLOSE_OK:
+            if not link.c_close_sent or link.c_close_ok_received:
+                return
+            link.c_close_ok_received = True
+            if link.u_close_received and not link.u_close_ok_sent:
+                link.u_close_ok_sent = True
+                upstream.send_method(link.upstream_channel, c.CHANNEL_CLOSE_OK)
+        else:
+            return
+        if link.upstream_side_done():
+            upstream.release(link)
+        if link.client_side_done():
+            self.forget(link)
+
+    def _proxy_close_channel(self, link: Link, reply_code: int, detail: str, method: tuple[int, int]) -> None:
+        """A channel error decided by the proxy: Close to the client, and the upstream channel closed."""
+        error = ProtocolError(reply_code, detail, method)
+        log.info(
+            "channel closed by proxy",
+            extra=self._log_extra(
+                "channel_error", channel=link.client_channel, reply_code=reply_code, reply_text=error.text
+            ),
+        )
+        link.c_close_sent = True
+        link.reset()
+        self.outbox.put(
+            method_frame(
+                link.client_channel,
+                encode_method(
+                    c.CHANNEL_CLOSE,
+                    reply_code=reply_code,
+                    reply_text=error.text,
+                    class_id=method[0],
+                    method_id=method[1],
+                ),
+            )
+        )
+        link.upstream.close_channel(link, 200, "closed by amqproxy")
+
+    # ------------------------------------------------------------------ called by upstream readers
+
+    def deliver(self, data: bytes | bytearray) -> None:
+        """Frames for this client, already remapped. Never blocks the calling upstream reader."""
+        outbox = self.outbox
+        outbox.put(data)
+        if outbox.buffered > self.config.client_buffer:
+            self.abort(f"slow client: more than {self.config.client_buffer} bytes waiting to be written")
+
+    def upstream_lost(self, upstream: Upstream, cause: str) -> None:
+        self.close_connection(c.CONNECTION_FORCED, f"CONNECTION_FORCED - upstream connection lost: {cause}"[:255])
+
+    def upstream_blocked(self, upstream: Upstream, reason: str) -> None:
+        if "connection.blocked" not in self.capabilities or self.closing:
+            return
+        if not self.blocked_by:
+            self.outbox.put(method_frame(0, encode_method(c.CONNECTION_BLOCKED, reason=reason)))
+        self.blocked_by.add(upstream)
+
+    def upstream_unblocked(self, upstream: Upstream) -> None:
+        if upstream not in self.blocked_by:
+            return
+        self.blocked_by.discard(upstream)
+        if not self.blocked_by and not self.closing:
+            self.outbox.put(method_frame(0, encode_method(c.CONNECTION_UNBLOCKED)))
+
+    # ------------------------------------------------------------------ liveness
+
+    def tick(self, now: float) -> None:
+        """Called by the janitor about once a second: heartbeats on the client leg."""
+        heartbeat = self.heartbeat
+        if not heartbeat or self.closing:
+            return
+        if now - self.last_recv > 2 * heartbeat and not self.throttled:
+            self.abort(f"missed heartbeats from client ({2 * heartbeat} s without a frame)")
+            return
+        if now - self.outbox.last_write >= heartbeat / 2:
+            self.outbox.put(HEARTBEAT_FRAME)
+
+    def _on_write_error(self, exc: BaseException) -> None:
+        if not self.close_reason:
+            self.close_reason = f"write failed: {exc}"
+        self.closing = True
+        self._shutdown_socket()

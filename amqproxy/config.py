@@ -1,0 +1,303 @@
+"""Configuration: every option as a flag, an AMQPROXY_<NAME> env var and a config-file key.
+
+`OPTIONS` is the single table of options; the parser, `--help` and the README table are built
+from it. Invalid values fail at start with one line naming the option (exit code 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable
+from urllib.parse import unquote, urlsplit
+
+import configargparse
+
+
+class ConfigError(ValueError):
+    """An option has an invalid value; the message names the option."""
+
+
+@dataclass(frozen=True)
+class Node:
+    """A broker node to dial. Credentials in the URL are ignored: clients' own are used upstream."""
+
+    host: str
+    port: int
+    tls: bool
+
+    @property
+    def label(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass
+class Config:
+    listen: tuple[str, int] = ("127.0.0.1", 5673)
+    upstream: list[Node] = field(default_factory=lambda: [Node("127.0.0.1", 5672, False)])
+    http_listen: tuple[str, int] | None = ("127.0.0.1", 15673)
+    log_level: str = "info"
+    log_format: str = "json"
+    max_channels_per_upstream: int = 2047
+    channel_max: int = 2047
+    frame_max: int = 131072
+    idle_timeout: float = 30.0
+    client_heartbeat: int = 60
+    upstream_heartbeat: int = 30
+    connect_timeout: float = 10.0
+    handshake_timeout: float = 10.0
+    client_buffer: int = 64 * 1024 * 1024
+    upstream_buffer: int = 4 * 1024 * 1024
+    backlog: int = 1024
+
+
+# ---------------------------------------------------------------------------- value parsers
+
+
+def parse_hostport(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    host = host.strip("[]") or "0.0.0.0"
+    return host, int(port)
+
+
+def parse_optional_hostport(value: str) -> tuple[str, int] | None:
+    if value.strip().lower() in ("", "off", "none", "disabled"):
+        return None
+    return parse_hostport(value)
+
+
+def parse_node(value: str) -> Node:
+    parts = urlsplit(value.strip())
+    if parts.scheme not in ("amqp", "amqps"):
+        raise ValueError(f"expected an amqp:// or amqps:// URL, got scheme {parts.scheme!r}")
+    if not parts.hostname:
+        raise ValueError("URL has no host")
+    try:
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError("URL has an invalid port") from exc
+    tls = parts.scheme == "amqps"
+    return Node(unquote(parts.hostname), port or (5671 if tls else 5672), tls)
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number <= 0:
+        raise ValueError("must be a positive integer")
+    return number
+
+
+def _non_negative_int(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise ValueError("must be zero or a positive integer")
+    return number
+
+
+def _positive_float(value: str) -> float:
+    number = float(value)
+    if number <= 0:
+        raise ValueError("must be a positive number of seconds")
+    return number
+
+
+def _channel_max(value: str) -> int:
+    number = int(value)
+    if not 1 <= number <= 65535:
+        raise ValueError("must be between 1 and 65535")
+    return number
+
+
+def _frame_max(value: str) -> int:
+    number = int(value)
+    if not 4096 <= number <= 2**31:
+        raise ValueError("must be at least 4096 (the AMQP minimum)")
+    return number
+
+
+def _heartbeat(value: str) -> int:
+    number = int(value)
+    if not 0 <= number <= 65535:
+        raise ValueError("must be between 0 (off) and 65535 seconds")
+    return number
+
+
+def _choice(*choices: str) -> Callable[[str], str]:
+    def parse(value: str) -> str:
+        lowered = value.strip().lower()
+        if lowered not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}")
+        return lowered
+
+    return parse
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str  # the Config attribute; flag is --name-with-dashes
+    parse: Callable[[str], Any]
+    default: str
+    help: str
+    metavar: str = ""
+    repeatable: bool = False
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return "AMQPROXY_" + self.name.upper()
+
+    @property
+    def config_key(self) -> str:
+        return self.name.replace("_", "-")
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("listen", parse_hostport, "127.0.0.1:5673", "AMQP listen address for clients", "HOST:PORT"),
+    Option(
+        "upstream",
+        parse_node,
+        "amqp://127.0.0.1:5672",
+        "broker node URL (amqp:// or amqps://); repeat, or comma-separate, for several nodes",
+        "URL",
+        repeatable=True,
+    ),
+    Option(
+        "http_listen",
+        parse_optional_hostport,
+        "127.0.0.1:15673",
+        "admin HTTP address (/healthz, /metrics); 'off' disables it",
+        "HOST:PORT",
+    ),
+    Option("log_level", _choice("debug", "info", "warning", "error"), "info", "log level", "LEVEL"),
+    Option("log_format", _choice("json", "text"), "json", "log line format", "FORMAT"),
+    Option(
+        "max_channels_per_upstream",
+        _channel_max,
+        "2047",
+        "most channels multiplexed onto one upstream connection (also capped by the broker's channel_max)",
+        "N",
+    ),
+    Option("channel_max", _channel_max, "2047", "channel_max offered to clients (capped by the broker's)", "N"),
+    Option("frame_max", _frame_max, "131072", "frame_max offered to clients and asked of brokers (bytes)", "BYTES"),
+    Option(
+        "idle_timeout",
+        _positive_float,
+        "30",
+        "close an upstream connection after it has had no channels for this long (seconds)",
+        "SECONDS",
+    ),
+    Option("client_heartbeat", _heartbeat, "60", "heartbeat offered to clients in Tune (seconds, 0 = off)", "SECONDS"),
+    Option(
+        "upstream_heartbeat", _heartbeat, "30", "heartbeat asked of brokers on pooled connections (seconds)", "SECONDS"
+    ),
+    Option(
+        "connect_timeout", _positive_float, "10", "timeout for an upstream TCP connect plus AMQP handshake", "SECONDS"
+    ),
+    Option(
+        "handshake_timeout",
+        _positive_float,
+        "10",
+        "a client must finish its AMQP handshake within this time",
+        "SECONDS",
+    ),
+    Option(
+        "client_buffer",
+        _positive_int,
+        str(64 * 1024 * 1024),
+        "bytes waiting for a client that reads too slowly before it is disconnected",
+        "BYTES",
+    ),
+    Option(
+        "upstream_buffer",
+        _positive_int,
+        str(4 * 1024 * 1024),
+        "bytes waiting for an upstream before publishing clients stop being read (backpressure)",
+        "BYTES",
+    ),
+    Option("backlog", _positive_int, "1024", "listen backlog of the client socket", "N"),
+)
+
+
+class _Parser(configargparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise ConfigError(message)
+
+
+def build_parser(prog: str = "amqproxy") -> configargparse.ArgumentParser:
+    parser = _Parser(
+        prog=prog,
+        description="amqproxy: a pooling AMQP 0-9-1 proxy for RabbitMQ.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        config_file_parser_class=configargparse.DefaultConfigFileParser,
+        args_for_setting_config_path=["--config"],
+        config_arg_help_message="config file (key = value lines; keys are the option names without --)",
+    )
+    for option in OPTIONS:
+        parser.add_argument(
+            option.flag,
+            env_var=option.env,
+            default=None,
+            metavar=option.metavar or None,
+            action="append" if option.repeatable else "store",
+            help=f"{option.help} [env {option.env}] (default: {option.default})",
+        )
+    return parser
+
+
+def parse_config(argv: list[str] | None = None, env: dict[str, str] | None = None) -> Config:
+    """Parse flags, env vars and config file into a validated Config, or raise ConfigError."""
+    parser = build_parser()
+    try:
+        namespace = parser.parse_args(args=argv, env_vars=os.environ if env is None else env)
+    except ConfigError:
+        raise
+    except (OSError, configargparse.ConfigFileParserException) as exc:
+        raise ConfigError(f"--config: {exc}") from exc
+    config = Config()
+    for option in OPTIONS:
+        raw = getattr(namespace, option.name)
+        if raw is None:
+            raw = [option.default] if option.repeatable else option.default
+        items = [str(raw)]
+        if option.repeatable:
+            values = raw if isinstance(raw, list) else [raw]
+            items = [item for value in values for item in _split_list(value)]
+            if not items:
+                raise ConfigError(f"{option.flag}: at least one value is required")
+        parsed = []
+        for item in items:
+            try:
+                parsed.append(option.parse(item))
+            except ValueError as exc:
+                shown = _redact(item) if option.name == "upstream" else item
+                raise ConfigError(f"{option.flag}: invalid value {shown!r}: {exc}") from None
+        setattr(config, option.name, parsed if option.repeatable else parsed[0])
+    return config
+
+
+def _split_list(value: str) -> list[str]:
+    # Env vars and config files may hold a list as "a,b" or "[a, b]".
+    value = value.strip()
+    if value.startswith("[") and value.endswith("]"):
+        value = value[1:-1]
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def _redact(url: str) -> str:
+    """Hide any password in a URL before it is shown in an error."""
+    if "@" not in url:
+        return url
+    scheme, sep, rest = url.partition("://")
+    return f"{scheme}{sep}***@{rest.rpartition('@')[2]}" if sep else "***"
+
+
+def fail(message: str) -> None:
+    print(f"amqproxy: error: {message}", file=sys.stderr)
+    raise SystemExit(2)

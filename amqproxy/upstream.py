@@ -1,0 +1,495 @@
+"""Upstream: one pooled AMQP connection from the proxy to a broker node, shared by many clients.
+
+Greenlets: the client greenlet that needs the connection runs the handshake (login, open);
+afterwards one reader greenlet (`_read_loop`) owns reading the socket and one `Outbox` owns
+writing it. The reader routes each frame by upstream channel id to the owning client's outbox
+(never blocking on a client), and interprets only the methods that change channel state.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+import struct
+import time
+from typing import TYPE_CHECKING, Any
+
+import gevent
+
+from .channel import OPEN, Link
+from .outbox import Outbox
+from .protocol import constants as c
+from .protocol.codec import DecodeError, decode_method, encode_method
+from .protocol.errors import ProtocolError
+from .protocol.frames import (
+    FRAME_HEADER_STRUCT,
+    HEARTBEAT_FRAME,
+    FrameReader,
+    append_split_body,
+    method_frame,
+)
+from .protocol.handshake import Credentials, negotiate, start_ok_payload, tune_ok_payload
+
+if TYPE_CHECKING:
+    from .client import ClientSession
+    from .config import Node
+    from .pool import Pool
+
+log = logging.getLogger("amqproxy.upstream")
+
+_METHOD_ID = struct.Struct(">HH")
+_RECV_SIZE = 256 * 1024
+_WATCHED = frozenset(
+    {
+        c.CHANNEL_OPEN_OK,
+        c.CHANNEL_CLOSE,
+        c.CHANNEL_CLOSE_OK,
+        c.QUEUE_DECLARE_OK,
+        c.QUEUE_DELETE_OK,
+        c.BASIC_CONSUME_OK,
+        c.BASIC_CANCEL_OK,
+        c.BASIC_CANCEL,
+        (90, 21),  # tx.commit-ok
+    }
+)
+_TX_COMMIT_OK = (90, 21)
+
+
+class UpstreamError(Exception):
+    """The broker could not be reached or refused us.
+
+    `reply_code` is the broker's AMQP code when it answered (403, 530...), else 0. `permanent`
+    failures (credentials, vhost, permissions) are not worth retrying on another node.
+    """
+
+    def __init__(self, text: str, reply_code: int = 0, permanent: bool = False) -> None:
+        super().__init__(text)
+        self.text = text
+        self.reply_code = reply_code
+        self.permanent = permanent
+
+
+class Upstream:
+    def __init__(self, pool: Pool, node: Node, credentials: Credentials, upstream_id: int) -> None:
+        self.pool = pool
+        self.node = node
+        self.credentials = credentials
+        self.id = upstream_id
+        self.vhost: str | None = None
+        self.sock: socket.socket | None = None
+        self.outbox: Outbox | None = None
+        self.state = "new"  # new -> logged-in -> open -> closing -> closed
+        self.channel_max = 0
+        self.frame_max = 0
+        self.max_body = 0
+        self.heartbeat = 0
+        self.server_properties: dict[str, Any] = {}
+        self.links: dict[int, Link] = {}
+        self._next_channel = 1
+        self.created = time.monotonic()
+        self.idle_since = self.created
+        self.last_recv = self.created
+        self.blocked_reason: str | None = None
+        self.close_cause = ""
+        self._reader: gevent.Greenlet | None = None
+        self._handshake = FrameReader(c.PRE_TUNE_FRAME_MAX)
+
+    def __repr__(self) -> str:
+        return f"Upstream(u{self.id} {self.node.label} {self.state})"
+
+    @property
+    def name(self) -> str:
+        return f"amqproxy[{self.pool.pid}] upstream {self.id}"
+
+    # ------------------------------------------------------------------ handshake (caller's greenlet)
+
+    def login(self, timeout: float) -> None:
+        """TCP (+TLS) connect, protocol header, Start/StartOk/Tune/TuneOk: proves the credentials."""
+        cfg = self.pool.config
+        try:
+            sock = socket.create_connection((self.node.host, self.node.port), timeout=timeout)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.node.tls:
+                context = ssl.create_default_context()
+                sock = context.wrap_socket(sock, server_hostname=self.node.host)
+            self.sock = sock
+            sock.sendall(c.PROTOCOL_HEADER)
+            method, args = self._expect_method(c.CONNECTION_START, timeout)
+            self.server_properties = args["server_properties"]
+            mechanisms = args["mechanisms"].split()
+            if b"PLAIN" not in mechanisms:
+                raise UpstreamError(f"broker offers no PLAIN mechanism ({args['mechanisms']!r})", permanent=True)
+            self._send_handshake(start_ok_payload(self.credentials, self.name, {}))
+            method, args = self._expect_method(c.CONNECTION_TUNE, timeout)
+            self.channel_max = negotiate(cfg.max_channels_per_upstream, args["channel_max"]) or 65535
+            self.frame_max = negotiate(cfg.frame_max, args["frame_max"]) or cfg.frame_max
+            self.max_body = self.frame_max - c.FRAME_OVERHEAD
+            self.heartbeat = cfg.upstream_heartbeat
+            self._send_handshake(tune_ok_payload(self.channel_max, self.frame_max, self.heartbeat))
+            self.state = "logged-in"
+        except UpstreamError:
+            self.abort()
+            raise
+        except (OSError, ssl.SSLError, ProtocolError, DecodeError) as exc:
+            self.abort()
+            raise UpstreamError(f"cannot connect to {self.node.label}: {_describe(exc)}") from exc
+
+    def open(self, vhost: str, timeout: float) -> None:
+        """Connection.Open for `vhost`; then start the reader and writer greenlets."""
+        try:
+            self._send_handshake(encode_method(c.CONNECTION_OPEN, virtual_host=vhost))
+            self._expect_method(c.CONNECTION_OPEN_OK, timeout)
+        except UpstreamError:
+            self.abort()
+            raise
+        except (OSError, ssl.SSLError, ProtocolError, DecodeError) as exc:
+            self.abort()
+            raise UpstreamError(f"connection to {self.node.label} lost during open: {_describe(exc)}") from exc
+        assert self.sock is not None
+        self.sock.settimeout(None)
+        self.vhost = vhost
+        self.state = "open"
+        self.last_recv = self.idle_since = time.monotonic()
+        self.outbox = Outbox(self.sock, self._on_write_error, high_watermark=self.pool.config.upstream_buffer)
+        self._reader = gevent.spawn(self._read_loop)
+        log.info(
+            "upstream connection open",
+            extra={
+                "event": "upstream_open",
+                "upstream_id": self.id,
+                "node": self.node.label,
+                "vhost": vhost,
+                "user": self.credentials.username,
+                "channel_max": self.channel_max,
+                "frame_max": self.frame_max,
+                "heartbeat": self.heartbeat,
+            },
+        )
+
+    def _send_handshake(self, payload: bytes) -> None:
+        assert self.sock is not None
+        self.sock.sendall(method_frame(0, payload))
+
+    def _expect_method(self, expected: tuple[int, int], timeout: float) -> tuple[tuple[int, int], dict[str, Any]]:
+        assert self.sock is not None
+        self.sock.settimeout(timeout)
+        reader = self._handshake
+        while True:
+            frame = reader.next_frame()
+            if frame is None:
+                data = self.sock.recv(65536)
+                if not data:
+                    raise UpstreamError(
+                        f"{self.node.label} closed the connection during the handshake "
+                        f"(expected {'.'.join(map(str, expected))})",
+                        reply_code=c.ACCESS_REFUSED if expected == c.CONNECTION_TUNE else 0,
+                        permanent=expected == c.CONNECTION_TUNE,
+                    )
+                reader.feed(data)
+                continue
+            frame_type, _channel, start, end = frame
+            if frame_type != c.FRAME_METHOD:
+                continue  # heartbeats may arrive once tuned
+            method, args = decode_method(bytes(reader.buffer[start:end]))
+            reader.compact()
+            if method == expected:
+                return method, args
+            if method == c.CONNECTION_CLOSE:
+                try:
+                    self._send_handshake(encode_method(c.CONNECTION_CLOSE_OK))
+                except OSError:
+                    pass
+                code = args["reply_code"]
+                raise UpstreamError(args["reply_text"], reply_code=code, permanent=code in (403, 530, 402))
+            raise UpstreamError(f"unexpected {method} from {self.node.label} during the handshake")
+
+    def abort(self) -> None:
+        self.state = "closed"
+        if self.sock is not None:
+            try:
+                self.sock.close()
+            except OSError:
+                pass
+
+    # ------------------------------------------------------------------ channels
+
+    @property
+    def has_room(self) -> bool:
+        return self.state == "open" and len(self.links) < self.channel_max
+
+    def attach(self, client: ClientSession | None, client_channel: int) -> Link | None:
+        """Reserve a fresh upstream channel id (never one still in use or awaiting Close-Ok)."""
+        if not self.has_room:
+            return None
+        channel_max = self.channel_max
+        candidate = self._next_channel
+        for _ in range(channel_max):
+            if candidate > channel_max:
+                candidate = 1
+            if candidate not in self.links:
+                link = Link(client, client_channel, self, candidate)
+                self.links[candidate] = link
+                self._next_channel = candidate + 1
+                return link
+            candidate += 1
+        return None
+
+    def release(self, link: Link) -> None:
+        if self.links.get(link.upstream_channel) is link:
+            del self.links[link.upstream_channel]
+            if not self.links:
+                self.idle_since = time.monotonic()
+
+    def send(self, data: bytes | bytearray) -> None:
+        if self.outbox is not None:
+            self.outbox.put(data)
+
+    def send_method(self, channel: int, method: tuple[int, int], **args: Any) -> None:
+        self.send(method_frame(channel, encode_method(method, **args)))
+
+    def close_channel(self, link: Link, reply_code: int = 200, text: str = "closed by amqproxy") -> None:
+        """Close the upstream side of a link exactly once (Close, or Close-Ok if the broker closed first)."""
+        if link.u_close_received and not link.u_close_ok_sent:
+            link.u_close_ok_sent = True
+            self.send_method(link.upstream_channel, c.CHANNEL_CLOSE_OK)
+        elif not link.u_close_sent and not link.u_close_received:
+            link.u_close_sent = True
+            self.send_method(link.upstream_channel, c.CHANNEL_CLOSE, reply_code=reply_code, reply_text=text)
+        if link.upstream_side_done():
+            self.release(link)
+
+    def delete_queues(self, names: list[str]) -> None:
+        """Delete exclusive queues left by a departed client, each on a fresh channel of its own."""
+        for name in names:
+            link = self.attach(None, 0)
+            if link is None:
+                log.warning(
+                    "no free channel to delete an exclusive queue",
+                    extra={"event": "exclusive_cleanup_skipped", "upstream_id": self.id},
+                )
+                return
+            ch = link.upstream_channel
+            link.u_close_sent = True
+            self.send(
+                method_frame(ch, encode_method(c.CHANNEL_OPEN))
+                + method_frame(ch, encode_method(c.QUEUE_DELETE, queue=name, nowait=True))
+                + method_frame(ch, encode_method(c.CHANNEL_CLOSE, reply_code=200, reply_text="exclusive queue cleanup"))
+            )
+
+    # ------------------------------------------------------------------ reading
+
+    def _read_loop(self) -> None:
+        assert self.sock is not None
+        sock = self.sock
+        reader = FrameReader(self.frame_max)
+        links = self.links
+        pack_header = FRAME_HEADER_STRUCT.pack
+        unpack_method = _METHOD_ID.unpack_from
+        try:
+            while True:
+                data = sock.recv(_RECV_SIZE)
+                if not data:
+                    raise ConnectionResetError("connection closed by the broker")
+                self.last_recv = time.monotonic()
+                reader.feed(data)
+                batches: dict[ClientSession, bytearray] = {}
+                buf = reader.buffer
+                with memoryview(buf) as view:
+                    while (frame := reader.next_frame()) is not None:
+                        frame_type, channel, start, end = frame
+                        if channel == 0:
+                            self._on_connection_frame(frame_type, view[start:end])
+                            continue
+                        link = links.get(channel)
+                        if link is None:
+                            continue
+                        if frame_type == c.FRAME_METHOD:
+                            method = unpack_method(buf, start)
+                            if method in _WATCHED:
+                                if not self._on_watched(link, method, view[start:end]):
+                                    continue
+                            elif link.closing:
+                                continue
+                        elif link.closing:
+                            continue
+                        client = link.client
+                        if client is None or client.closing:
+                            continue
+                        out = batches.get(client)
+                        if out is None:
+                            out = batches[client] = bytearray()
+                        size = end - start
+                        if frame_type == c.FRAME_BODY and size > client.max_body:
+                            append_split_body(out, link.client_channel, view[start:end], client.max_body)
+                        else:
+                            out += pack_header(frame_type, link.client_channel, size)
+                            out += view[start : end + 1]
+                reader.compact()
+                for client, out in batches.items():
+                    client.deliver(out)
+        except (OSError, ProtocolError, DecodeError) as exc:
+            if self.state != "closed":
+                self.fail(f"connection to {self.node.label} lost: {_describe(exc)}")
+            self._finish()
+        except gevent.GreenletExit:
+            pass
+
+    def _on_connection_frame(self, frame_type: int, payload: memoryview) -> None:
+        if frame_type == c.FRAME_HEARTBEAT:
+            return
+        if frame_type != c.FRAME_METHOD:
+            raise ProtocolError(c.UNEXPECTED_FRAME, "content frame on channel 0")
+        method, args = decode_method(payload)
+        if method == c.CONNECTION_CLOSE:
+            self.send_method(0, c.CONNECTION_CLOSE_OK)
+            if self.outbox is not None:
+                self.outbox.close_when_drained()
+            self.fail(
+                f"broker closed the upstream connection: {args['reply_code']} {args['reply_text']}",
+                close_socket=False,
+            )
+        elif method == c.CONNECTION_CLOSE_OK:
+            self._finish()
+        elif method == c.CONNECTION_BLOCKED:
+            self.blocked_reason = args["reason"]
+            for client in self.clients():
+                client.upstream_blocked(self, args["reason"])
+        elif method == c.CONNECTION_UNBLOCKED:
+            self.blocked_reason = None
+            for client in self.clients():
+                client.upstream_unblocked(self)
+
+    def _on_watched(self, link: Link, method: tuple[int, int], payload: memoryview) -> bool:
+        """Update channel state from a broker reply; return whether to forward it to the client."""
+        client = link.client
+        if method == c.CHANNEL_CLOSE_OK:
+            link.u_close_ok_received = True
+            forward = False
+            if client is not None and link.c_close_received and not link.c_close_ok_sent:
+                link.c_close_ok_sent = True
+                forward = True
+            self._settle(link)
+            return forward
+        if method == c.CHANNEL_CLOSE:
+            link.u_close_received = True
+            if client is None or link.c_close_sent or link.c_close_received or client.closing:
+                # Nobody to tell (client gone, or the proxy is closing the client side already).
+                link.u_close_ok_sent = True
+                self.send_method(link.upstream_channel, c.CHANNEL_CLOSE_OK)
+                self._settle(link)
+                return False
+            link.c_close_sent = True
+            link.reset()
+            return True
+        if link.closing:
+            return False
+        if method == c.CHANNEL_OPEN_OK:
+            link.state = OPEN
+        elif method == c.QUEUE_DECLARE_OK:
+            if link.pending_declares and link.pending_declares.popleft() and client is not None:
+                _, args = decode_method(payload)
+                self.pool.exclusive.add(self.vhost or "", args["queue"], client, self)
+        elif method == c.QUEUE_DELETE_OK:
+            if link.pending_deletes:
+                self.pool.exclusive.remove(self.vhost or "", link.pending_deletes.popleft())
+        elif method == c.BASIC_CONSUME_OK:
+            _, args = decode_method(payload)
+            link.consumer_tags.add(args["consumer_tag"])
+        elif method == c.BASIC_CANCEL_OK:
+            _, args = decode_method(payload)
+            link.consumer_tags.discard(args["consumer_tag"])
+        elif method == c.BASIC_CANCEL:
+            _, args = decode_method(payload)
+            link.consumer_tags.discard(args["consumer_tag"])
+            # Consumer cancel notify goes only to clients that advertised it (as RabbitMQ does).
+            return client is not None and "consumer_cancel_notify" in client.capabilities
+        elif method == _TX_COMMIT_OK:
+            link.commit_pending = False
+        return True
+
+    def _settle(self, link: Link) -> None:
+        if link.upstream_side_done():
+            self.release(link)
+            client = link.client
+            if client is not None and link.client_side_done():
+                client.forget(link)
+
+    def clients(self) -> set[ClientSession]:
+        return {link.client for link in self.links.values() if link.client is not None}
+
+    # ------------------------------------------------------------------ liveness and closing
+
+    def tick(self, now: float) -> None:
+        """Called by the janitor about once a second: heartbeats on this leg."""
+        if self.state != "open" or not self.heartbeat or self.outbox is None:
+            return
+        if now - self.last_recv > 2 * self.heartbeat:
+            self.fail(f"missed heartbeats from {self.node.label} ({2 * self.heartbeat} s without a frame)")
+            return
+        if now - self.outbox.last_write >= self.heartbeat / 2:
+            self.outbox.put(HEARTBEAT_FRAME)
+
+    def close(self, reason: str, grace: float = 5.0) -> None:
+        """Close cleanly (Connection.Close 200); only called once no client channel is attached."""
+        if self.state != "open":
+            return
+        self.state = "closing"
+        self.close_cause = reason
+        self.pool.forget(self)
+        self.send_method(0, c.CONNECTION_CLOSE, reply_code=200, reply_text=reason)
+        log.info(
+            "upstream connection closing",
+            extra={"event": "upstream_close", "upstream_id": self.id, "node": self.node.label, "reason": reason},
+        )
+        gevent.spawn_later(grace, self._finish)
+
+    def fail(self, cause: str, close_socket: bool = True) -> None:
+        """The connection is gone: every client with a channel on it is closed with 320 and the cause."""
+        if self.state == "closed":
+            return
+        was_open = self.state in ("open", "closing")
+        self.state = "closed"
+        self.close_cause = cause
+        self.pool.forget(self)
+        clients = self.clients()
+        self.links.clear()
+        if was_open:
+            log.warning(
+                "upstream connection lost",
+                extra={
+                    "event": "upstream_lost",
+                    "upstream_id": self.id,
+                    "node": self.node.label,
+                    "cause": cause,
+                    "clients": len(clients),
+                },
+            )
+        self.pool.exclusive.forget_upstream(self)
+        for client in clients:
+            client.upstream_lost(self, cause)
+        if close_socket:
+            self._finish()
+
+    def _finish(self) -> None:
+        self.state = "closed"
+        if self.outbox is not None:
+            self.outbox.kill()
+        if self.sock is not None:
+            try:
+                self.sock.close()
+            except OSError:
+                pass
+        reader = self._reader
+        if reader is not None and reader is not gevent.getcurrent():
+            reader.kill(block=False)
+
+    def _on_write_error(self, exc: BaseException) -> None:
+        self.fail(f"write to {self.node.label} failed: {_describe(exc)}")
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or exc.__class__.__name__
+    if isinstance(exc, socket.timeout):
+        return "timed out"
+    return text

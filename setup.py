@@ -1,0 +1,31 @@
+"""Packaging for amqproxy: `pip install .` gives the `amqproxy` console script."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="amqproxy",
+    version="0.1.0",
+    description="A pooling AMQP 0-9-1 proxy for RabbitMQ, on gevent",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["amqproxy", "amqproxy.*"]),
+    install_requires=[
+        "gevent>=23.9",
+        "prometheus-client>=0.17",
+        "configargparse>=1.7",
+        "python-json-logger>=2.0.7",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=7.4",
+            "pytest-timeout>=2.2",
+            "pika>=1.3",
+            "amqp>=5.2",
+            "aio-pika>=9.3",
+            "hypothesis>=6.90",
+            "ruff>=0.4",
+        ],
+    },
+    entry_points={"console_scripts": ["amqproxy=amqproxy.cli:main"]},
+)

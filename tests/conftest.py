@@ -1,0 +1,709 @@
+"""Shared pytest fixtures for the amqproxy test suite.
+
+Integration tests talk to a real RabbitMQ broker, either directly (target
+``direct``) or through an amqproxy subprocess (target ``proxy``), and assert
+identical observable outcomes for both.
+
+Environment variables:
+
+``AMQPROXY_TEST_TARGETS``
+    Comma separated list of targets the ``target`` fixture is parametrized
+    over (default ``direct,proxy``).  Tests that only make sense through the
+    proxy are skipped when ``proxy`` is not listed.
+``AMQPROXY_TEST_BROKER``
+    ``host:port`` of the RabbitMQ broker (default ``127.0.0.1:5672``).
+``AMQPROXY_TEST_DEFAULT_TIMEOUT``
+    Per-test timeout in seconds applied (via pytest-timeout) to every test
+    that has no ``timeout`` marker, unless a timeout was configured on the
+    command line, in an ini file or by ``PYTEST_TIMEOUT`` (default 60).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+ALL_TARGETS = ("direct", "proxy")
+TARGETS = tuple(
+    t.strip()
+    for t in os.environ.get("AMQPROXY_TEST_TARGETS", "direct,proxy").split(",")
+    if t.strip()
+)
+for _t in TARGETS:
+    if _t not in ALL_TARGETS:
+        raise RuntimeError(
+            f"AMQPROXY_TEST_TARGETS: unknown target {_t!r} (known: {ALL_TARGETS})"
+        )
+
+_broker = os.environ.get("AMQPROXY_TEST_BROKER", "127.0.0.1:5672")
+BROKER_HOST, _, _broker_port = _broker.rpartition(":")
+BROKER_PORT = int(_broker_port)
+UPSTREAM_URL = f"amqp://{BROKER_HOST}:{BROKER_PORT}"
+
+DEFAULT_TIMEOUT = float(os.environ.get("AMQPROXY_TEST_DEFAULT_TIMEOUT", "60"))
+PROXY_START_TIMEOUT = 15.0
+PROXY_STOP_TIMEOUT = 10.0
+LOG_TAIL_LINES = 200
+
+_PROXIES_KEY = pytest.StashKey[list]()
+
+
+# --------------------------------------------------------------------------
+# pytest hooks
+# --------------------------------------------------------------------------
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "integration: test needs a running RabbitMQ broker"
+    )
+    config.addinivalue_line(
+        "markers",
+        "proxy_only: test only makes sense through amqproxy "
+        "(skipped unless 'proxy' is in AMQPROXY_TEST_TARGETS)",
+    )
+    config.addinivalue_line(
+        "markers",
+        "targets(*names): restrict the `target` fixture of a test to these "
+        "targets (intersected with AMQPROXY_TEST_TARGETS)",
+    )
+    if not config.pluginmanager.hasplugin("timeout"):
+        # Keep the marker known so that tests still collect without the plugin.
+        config.addinivalue_line(
+            "markers", "timeout(seconds): per-test timeout (needs pytest-timeout)"
+        )
+
+
+def _timeout_configured(config) -> bool:
+    try:
+        if config.getoption("timeout") is not None:
+            return True
+    except ValueError:
+        return False
+    if os.environ.get("PYTEST_TIMEOUT"):
+        return True
+    try:
+        return bool(config.getini("timeout"))
+    except ValueError:
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    integration_dir = Path(__file__).resolve().parent / "integration"
+    add_timeout = config.pluginmanager.hasplugin("timeout") and not _timeout_configured(
+        config
+    )
+    for item in items:
+        path = Path(str(item.fspath)).resolve()
+        if integration_dir in path.parents:
+            item.add_marker(pytest.mark.integration)
+        if add_timeout and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(DEFAULT_TIMEOUT))
+        if item.get_closest_marker("proxy_only") and "proxy" not in TARGETS:
+            item.add_marker(
+                pytest.mark.skip(reason="proxy not in AMQPROXY_TEST_TARGETS")
+            )
+
+
+def pytest_generate_tests(metafunc):
+    if "target" not in metafunc.fixturenames:
+        return
+    wanted = list(TARGETS)
+    marker = metafunc.definition.get_closest_marker("targets")
+    if marker is not None:
+        wanted = [t for t in wanted if t in marker.args]
+    if not wanted:
+        # Parametrize with a skipped placeholder so the test shows up as skipped.
+        metafunc.parametrize(
+            "target",
+            [pytest.param("none", marks=pytest.mark.skip(reason="no target selected"))],
+            indirect=True,
+        )
+        return
+    metafunc.parametrize("target", wanted, indirect=True)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if not report.failed:
+        return
+    for proc in item.stash.get(_PROXIES_KEY, []):
+        report.sections.append(
+            (
+                f"amqproxy log (pid {proc.pid}, {proc.log_path}, last {LOG_TAIL_LINES} lines)",
+                proc.log_tail(LOG_TAIL_LINES),
+            )
+        )
+
+
+def _record_proxy(request, proc: "ProxyProcess") -> None:
+    lst = request.node.stash.setdefault(_PROXIES_KEY, [])
+    if proc not in lst:
+        lst.append(proc)
+
+
+# --------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free right now (small race window, fine for tests)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def unique_name(prefix: str = "q") -> str:
+    return f"amqproxy-test-{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+class ProxyStartError(RuntimeError):
+    pass
+
+
+class ProxyProcess:
+    """An amqproxy subprocess with its own ports and log file."""
+
+    def __init__(self, log_path: Path, extra_args=(), upstream: str = UPSTREAM_URL):
+        self.host = "127.0.0.1"
+        self.port = free_port()
+        self.http_port = free_port()
+        self.upstream = upstream
+        self.extra_args = list(extra_args)
+        self.log_path = Path(log_path)
+        self.proc: subprocess.Popen | None = None
+        self._log_file = None
+
+    # -- lifecycle ---------------------------------------------------------
+    @property
+    def cmd(self) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "amqproxy",
+            "--listen",
+            f"{self.host}:{self.port}",
+            "--upstream",
+            self.upstream,
+            "--http-listen",
+            f"{self.host}:{self.http_port}",
+            "--log-format",
+            "json",
+            "--log-level",
+            "info",
+            *self.extra_args,
+        ]
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.poll() if self.proc else None
+
+    def start(self) -> "ProxyProcess":
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(REPO_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+        )
+        env["PYTHONUNBUFFERED"] = "1"
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log_file = open(self.log_path, "ab", buffering=0)
+        self._log_file.write(("# " + " ".join(self.cmd) + "\n").encode())
+        self.proc = subprocess.Popen(
+            self.cmd,
+            cwd=str(REPO_ROOT),
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+        )
+        return self
+
+    def wait_ready(self, timeout: float = PROXY_START_TIMEOUT) -> "ProxyProcess":
+        deadline = time.monotonic() + timeout
+        amqp_ok = http_ok = False
+        last_err = "not tried"
+        while time.monotonic() < deadline:
+            if not self.alive:
+                raise ProxyStartError(
+                    f"amqproxy exited with code {self.returncode} during startup\n"
+                    f"--- log ({self.log_path}) ---\n{self.log_tail()}"
+                )
+            if not amqp_ok:
+                try:
+                    with socket.create_connection((self.host, self.port), timeout=1):
+                        amqp_ok = True
+                except OSError as e:
+                    last_err = f"AMQP port: {e!r}"
+            if amqp_ok and not http_ok:
+                try:
+                    status = self.healthz(timeout=1)
+                    http_ok = status == 200
+                    if not http_ok:
+                        last_err = f"/healthz answered {status}"
+                except (OSError, urllib.error.URLError) as e:
+                    last_err = f"/healthz: {e!r}"
+            if amqp_ok and http_ok:
+                return self
+            time.sleep(0.05)
+        raise ProxyStartError(
+            f"amqproxy not ready after {timeout}s (last error: {last_err})\n"
+            f"--- log ({self.log_path}) ---\n{self.log_tail()}"
+        )
+
+    def healthz(self, timeout: float = 2.0) -> int:
+        url = f"http://{self.host}:{self.http_port}/healthz"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as resp:
+                return resp.status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    def stop(self, timeout: float = PROXY_STOP_TIMEOUT) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            try:
+                self.proc.send_signal(signal.SIGTERM)
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=timeout)
+        rc = self.proc.returncode
+        if self._log_file is not None:
+            try:
+                self._log_file.write(f"# exited with code {rc}\n".encode())
+            finally:
+                self._log_file.close()
+                self._log_file = None
+        return rc
+
+    # -- introspection -----------------------------------------------------
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def log_tail(self, n: int = LOG_TAIL_LINES) -> str:
+        return "\n".join(self.log_text().splitlines()[-n:])
+
+    def log_records(self) -> list[dict]:
+        """The JSON log lines (non-JSON lines are skipped)."""
+        out = []
+        for line in self.log_text().splitlines():
+            line = line.strip()
+            if line.startswith("{"):
+                try:
+                    out.append(json.loads(line))
+                except ValueError:
+                    pass
+        return out
+
+    def target(self) -> "Target":
+        return Target("proxy", self.host, self.port, proxy=self)
+
+    @property
+    def connection_name_prefix(self) -> str:
+        return f"amqproxy[{self.pid}]"
+
+    def __repr__(self):
+        return f"<ProxyProcess pid={self.pid} {self.host}:{self.port} http={self.http_port}>"
+
+
+# -- broker management ------------------------------------------------------
+
+
+class Broker:
+    """Access to the broker behind the proxy: rabbitmqctl and a direct AMQP
+    connection for setup/cleanup that must not depend on the proxy."""
+
+    host = BROKER_HOST
+    port = BROKER_PORT
+
+    def __init__(self):
+        self.rabbitmqctl_path = shutil.which("rabbitmqctl")
+
+    def ctl(self, *args: str, check: bool = True, timeout: float = 30) -> str:
+        if not self.rabbitmqctl_path:
+            pytest.skip("rabbitmqctl not available")
+        res = subprocess.run(
+            [self.rabbitmqctl_path, *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        if check and res.returncode != 0:
+            raise RuntimeError(
+                f"rabbitmqctl {' '.join(args)} failed ({res.returncode}): "
+                f"{res.stdout}\n{res.stderr}"
+            )
+        return res.stdout
+
+    def list_connections(self) -> list[dict]:
+        """All broker connections, client_properties decoded to a dict."""
+        out = self.ctl(
+            "list_connections",
+            "--formatter",
+            "json",
+            "name",
+            "user",
+            "vhost",
+            "state",
+            "client_properties",
+        )
+        start = out.find("[")
+        rows = json.loads(out[start:]) if start >= 0 else []
+        for row in rows:
+            row["client_properties"] = _decode_ctl_table(row.get("client_properties"))
+        return rows
+
+    def proxy_upstreams(self, proxy: ProxyProcess) -> list[dict]:
+        """Broker connections opened by this proxy instance."""
+        prefix = proxy.connection_name_prefix
+        return [
+            c
+            for c in self.list_connections()
+            if str(c["client_properties"].get("connection_name", "")).startswith(prefix)
+        ]
+
+    def pika_connection(self, **kw):
+        import pika
+
+        params = dict(
+            host=self.host,
+            port=self.port,
+            credentials=pika.PlainCredentials("guest", "guest"),
+            socket_timeout=5,
+            stack_timeout=10,
+            connection_attempts=1,
+        )
+        params.update(kw)
+        return pika.BlockingConnection(pika.ConnectionParameters(**params))
+
+    def queue_message_count(self, queue: str, vhost: str = "/") -> int:
+        conn = self.pika_connection(virtual_host=vhost)
+        try:
+            return conn.channel().queue_declare(queue, passive=True).method.message_count
+        finally:
+            conn.close()
+
+
+def _decode_ctl_table(value):
+    """rabbitmqctl --formatter json renders tables as [[key, type, value], ...]."""
+    if isinstance(value, dict):
+        return value
+    if not isinstance(value, list):
+        return {}
+    out = {}
+    for entry in value:
+        if isinstance(entry, list) and len(entry) == 3:
+            key, typ, val = entry
+            out[key] = _decode_ctl_table(val) if typ == "table" else val
+    return out
+
+
+# -- targets ----------------------------------------------------------------
+
+
+@dataclass
+class Target:
+    """Where a test connects to: the broker itself or a proxy in front of it."""
+
+    name: str
+    host: str
+    port: int
+    proxy: ProxyProcess | None = None
+    user: str = "guest"
+    password: str = "guest"
+    vhost: str = "/"
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def is_proxy(self) -> bool:
+        return self.proxy is not None
+
+    # pika ----------------------------------------------------------------
+    def pika_params(self, **kw):
+        import pika
+
+        user = kw.pop("user", self.user)
+        password = kw.pop("password", self.password)
+        params = dict(
+            host=self.host,
+            port=self.port,
+            virtual_host=self.vhost,
+            credentials=pika.PlainCredentials(user, password),
+            socket_timeout=5,
+            stack_timeout=10,
+            connection_attempts=1,
+        )
+        params.update(kw)
+        return pika.ConnectionParameters(**params)
+
+    def pika(self, **kw):
+        import pika
+
+        return pika.BlockingConnection(self.pika_params(**kw))
+
+    # py-amqp -------------------------------------------------------------
+    def amqp(self, connect: bool = True, connection_class=None, **kw):
+        import amqp
+
+        params = dict(
+            host=f"{self.host}:{self.port}",
+            userid=self.user,
+            password=self.password,
+            virtual_host=self.vhost,
+            connect_timeout=5,
+            read_timeout=10,
+            write_timeout=10,
+        )
+        params.update(kw)
+        conn = (connection_class or amqp.Connection)(**params)
+        if connect:
+            conn.connect()
+        return conn
+
+    # aio-pika ------------------------------------------------------------
+    def url(self, user=None, password=None, vhost=None, **query) -> str:
+        from urllib.parse import quote, urlencode
+
+        user = self.user if user is None else user
+        password = self.password if password is None else password
+        vhost = self.vhost if vhost is None else vhost
+        url = (
+            f"amqp://{quote(user, safe='')}:{quote(password, safe='')}"
+            f"@{self.host}:{self.port}/{quote(vhost, safe='')}"
+        )
+        if query:
+            url += "?" + urlencode(query)
+        return url
+
+    def __str__(self):
+        return self.name
+
+
+# --------------------------------------------------------------------------
+# fixtures
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def broker() -> Broker:
+    return Broker()
+
+
+class _ProxyHolder:
+    def __init__(self, base_dir: Path):
+        self.base_dir = base_dir
+        self.current: ProxyProcess | None = None
+        self.generation = 0
+        self.all: list[ProxyProcess] = []
+
+    def ensure(self) -> ProxyProcess:
+        if self.current is not None and self.current.alive:
+            return self.current
+        self.generation += 1
+        proc = ProxyProcess(self.base_dir / f"proxy-{self.generation}.log")
+        self.all.append(proc)
+        self.current = proc
+        proc.start()
+        try:
+            proc.wait_ready()
+        except ProxyStartError:
+            proc.stop()
+            raise
+        return proc
+
+
+@pytest.fixture(scope="session")
+def _proxy_holder(tmp_path_factory):
+    holder = _ProxyHolder(tmp_path_factory.mktemp("amqproxy-shared"))
+    yield holder
+    for proc in holder.all:
+        proc.stop()
+
+
+@pytest.fixture(scope="session")
+def _proxy_start_failure():
+    # Remember a start failure so that the 15 s wait is not repeated per test.
+    return {}
+
+
+@pytest.fixture
+def proxy(request, _proxy_holder, _proxy_start_failure) -> ProxyProcess:
+    """The shared amqproxy instance (default options), restarted if a previous
+    test killed it.  Fails the test at teardown if the proxy died during it."""
+    if "proxy" not in TARGETS:
+        pytest.skip("proxy not in AMQPROXY_TEST_TARGETS")
+    if "error" in _proxy_start_failure:
+        pytest.fail(_proxy_start_failure["error"], pytrace=False)
+    try:
+        proc = _proxy_holder.ensure()
+    except ProxyStartError as e:
+        _proxy_start_failure["error"] = str(e)
+        pytest.fail(str(e), pytrace=False)
+    _record_proxy(request, proc)
+    yield proc
+    if not proc.alive:
+        pytest.fail(
+            f"amqproxy (pid {proc.pid}) exited with code {proc.returncode} "
+            f"during this test\n--- log ---\n{proc.log_tail()}",
+            pytrace=False,
+        )
+
+
+@pytest.fixture
+def proxy_factory(request, tmp_path):
+    """start(*extra_args) -> a fresh, ready ProxyProcess, stopped at teardown."""
+    if "proxy" not in TARGETS:
+        pytest.skip("proxy not in AMQPROXY_TEST_TARGETS")
+    started: list[ProxyProcess] = []
+
+    def start(*extra_args: str, wait: bool = True) -> ProxyProcess:
+        proc = ProxyProcess(tmp_path / f"proxy-{len(started) + 1}.log", extra_args)
+        started.append(proc)
+        _record_proxy(request, proc)
+        proc.start()
+        if wait:
+            try:
+                proc.wait_ready()
+            except ProxyStartError as e:
+                pytest.fail(str(e), pytrace=False)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.stop()
+
+
+@pytest.fixture
+def target(request) -> Target:
+    """Parametrized over AMQPROXY_TEST_TARGETS: `direct` or `proxy`."""
+    if request.param == "direct":
+        return Target("direct", BROKER_HOST, BROKER_PORT)
+    if request.param == "proxy":
+        return request.getfixturevalue("proxy").target()
+    raise ValueError(request.param)
+
+
+@pytest.fixture
+def direct() -> Target:
+    """The broker itself, whatever the selected targets."""
+    return Target("direct", BROKER_HOST, BROKER_PORT)
+
+
+class Names:
+    """Unique queue/exchange names; everything handed out is deleted (directly
+    on the broker) at teardown."""
+
+    def __init__(self):
+        self.queues: list[tuple[str, str]] = []
+        self.exchanges: list[tuple[str, str]] = []
+
+    def queue(self, prefix: str = "q", vhost: str = "/") -> str:
+        name = unique_name(prefix)
+        self.queues.append((vhost, name))
+        return name
+
+    def exchange(self, prefix: str = "x", vhost: str = "/") -> str:
+        name = unique_name(prefix)
+        self.exchanges.append((vhost, name))
+        return name
+
+    def cleanup(self, broker: Broker) -> None:
+        import pika.exceptions
+
+        by_vhost: dict[str, list[tuple[str, str]]] = {}
+        for vhost, name in self.queues:
+            by_vhost.setdefault(vhost, []).append(("queue", name))
+        for vhost, name in self.exchanges:
+            by_vhost.setdefault(vhost, []).append(("exchange", name))
+        for vhost, items in by_vhost.items():
+            try:
+                conn = broker.pika_connection(virtual_host=vhost)
+            except pika.exceptions.AMQPError:
+                continue  # vhost already gone
+            try:
+                ch = None
+                for kind, name in items:
+                    if ch is None or not ch.is_open:
+                        ch = conn.channel()
+                    try:
+                        if kind == "queue":
+                            ch.queue_delete(name)
+                        else:
+                            ch.exchange_delete(name)
+                    except pika.exceptions.ChannelClosedByBroker:
+                        ch = None  # e.g. 405 for another connection's exclusive queue
+            finally:
+                if conn.is_open:
+                    conn.close()
+
+
+@pytest.fixture
+def names(broker):
+    n = Names()
+    yield n
+    n.cleanup(broker)
+
+
+@pytest.fixture(scope="session")
+def temp_vhost(broker):
+    """A vhost on which guest has full permissions (deleted at session end)."""
+    vhost = unique_name("vh")
+    broker.ctl("add_vhost", vhost)
+    try:
+        broker.ctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+        yield vhost
+    finally:
+        broker.ctl("delete_vhost", vhost, check=False)
+
+
+@pytest.fixture(scope="session")
+def locked_vhost(broker):
+    """A vhost on which guest has NO permissions (deleted at session end)."""
+    vhost = unique_name("vh-locked")
+    broker.ctl("add_vhost", vhost)
+    try:
+        yield vhost
+    finally:
+        broker.ctl("delete_vhost", vhost, check=False)
+
+
+@pytest.fixture(scope="session")
+def temp_user(broker):
+    """(user, password) of a fresh user with full permissions on "/"."""
+    user = unique_name("user")
+    password = "pw-" + uuid.uuid4().hex
+    broker.ctl("add_user", user, password)
+    try:
+        broker.ctl("set_permissions", "-p", "/", user, ".*", ".*", ".*")
+        yield user, password
+    finally:
+        broker.ctl("delete_user", user, check=False)
