@@ -25,9 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         proxy.start()
     except OSError as exc:
-        logging.getLogger("amqproxy").error(
-            "cannot listen", extra={"event": "listen_failed", "error": str(exc)}
-        )
+        logging.getLogger("amqproxy").error("cannot listen", extra={"event": "listen_failed", "error": str(exc)})
         print(f"amqproxy: error: cannot listen: {exc}", file=sys.stderr)
         return 2
     proxy.serve_forever()

@@ -17,7 +17,6 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import gevent
-from gevent.event import Event
 
 from .channel import Link
 from .outbox import Outbox
@@ -299,7 +298,8 @@ class ClientSession:
             )
         if tune_ok["channel_max"] > channel_max:
             raise ProtocolError(
-                c.NOT_ALLOWED, f"channel_max={tune_ok['channel_max']} > {channel_max} max channels",
+                c.NOT_ALLOWED,
+                f"channel_max={tune_ok['channel_max']} > {channel_max} max channels",
                 c.CONNECTION_TUNE_OK,
             )
         self.channel_max = tune_ok["channel_max"] or channel_max

@@ -6,11 +6,11 @@ from it. Invalid values fail at start with one line naming the option (exit code
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import configargparse
@@ -227,6 +227,8 @@ OPTIONS: tuple[Option, ...] = (
 
 class _Parser(configargparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
+        if "config file" in message.lower():
+            message = f"--config: {message}"
         raise ConfigError(message)
 
 
@@ -234,10 +236,14 @@ def build_parser(prog: str = "amqproxy") -> configargparse.ArgumentParser:
     parser = _Parser(
         prog=prog,
         description="amqproxy: a pooling AMQP 0-9-1 proxy for RabbitMQ.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         config_file_parser_class=configargparse.DefaultConfigFileParser,
-        args_for_setting_config_path=["--config"],
-        config_arg_help_message="config file (key = value lines; keys are the option names without --)",
+    )
+    parser.add_argument(
+        "--config",
+        is_config_file=True,
+        env_var="AMQPROXY_CONFIG",
+        metavar="FILE",
+        help="config file: 'key = value' lines, keys are the option names without -- (default: none)",
     )
     for option in OPTIONS:
         parser.add_argument(
@@ -246,7 +252,7 @@ def build_parser(prog: str = "amqproxy") -> configargparse.ArgumentParser:
             default=None,
             metavar=option.metavar or None,
             action="append" if option.repeatable else "store",
-            help=f"{option.help} [env {option.env}] (default: {option.default})",
+            help=f"{option.help} (default: {option.default})",
         )
     return parser
 

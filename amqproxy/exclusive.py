@@ -49,7 +49,7 @@ class ExclusiveQueues:
 
     def forget_upstream(self, upstream: Upstream) -> None:
         """The broker deletes a dead connection's exclusive queues itself."""
-        for key, (client, owner) in list(self._owners.items()):
+        for key, (_client, owner) in list(self._owners.items()):
             if owner is upstream:
                 self.remove(*key)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import socket
 import time
 from collections import deque
-from typing import Callable
+from collections.abc import Callable
 
 import gevent
 from gevent.event import Event

@@ -57,9 +57,9 @@ class Proxy:
             extra={
                 "event": "start",
                 "version": __version__,
-                "listen": "%s:%d" % self.config.listen,
+                "listen": "{}:{}".format(*self.config.listen),
                 "upstreams": [node.label for node in self.config.upstream],
-                "http_listen": "%s:%d" % self.config.http_listen if self.config.http_listen else None,
+                "http_listen": "{}:{}".format(*self.config.http_listen) if self.config.http_listen else None,
             },
         )
 

@@ -225,7 +225,9 @@ class ProxyProcess:
         return self.proc.poll() if self.proc else None
 
     def start(self) -> "ProxyProcess":
-        env = dict(os.environ)
+        # Only the explicit flags configure the proxy: drop AMQPROXY_* settings
+        # from the environment (the test suite's own AMQPROXY_TEST_* included).
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AMQPROXY_")}
         env["PYTHONPATH"] = os.pathsep.join(
             [str(REPO_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
         )

@@ -201,18 +201,32 @@ def _define(class_id: int, method_id: int, name: str, *args: str) -> None:
     _SPEC[(class_id, method_id)] = (name, tuple(tuple(arg.split(":")) for arg in args))  # type: ignore[misc]
 
 
-_define(10, 10, "connection.start", "version_major:octet", "version_minor:octet",
-        "server_properties:table", "mechanisms:longstr", "locales:longstr")
-_define(10, 11, "connection.start-ok", "client_properties:table", "mechanism:shortstr",
-        "response:longstr", "locale:shortstr")
+_define(
+    10,
+    10,
+    "connection.start",
+    "version_major:octet",
+    "version_minor:octet",
+    "server_properties:table",
+    "mechanisms:longstr",
+    "locales:longstr",
+)
+_define(
+    10,
+    11,
+    "connection.start-ok",
+    "client_properties:table",
+    "mechanism:shortstr",
+    "response:longstr",
+    "locale:shortstr",
+)
 _define(10, 20, "connection.secure", "challenge:longstr")
 _define(10, 21, "connection.secure-ok", "response:longstr")
 _define(10, 30, "connection.tune", "channel_max:short", "frame_max:long", "heartbeat:short")
 _define(10, 31, "connection.tune-ok", "channel_max:short", "frame_max:long", "heartbeat:short")
 _define(10, 40, "connection.open", "virtual_host:shortstr", "capabilities:shortstr", "insist:bit")
 _define(10, 41, "connection.open-ok", "known_hosts:shortstr")
-_define(10, 50, "connection.close", "reply_code:short", "reply_text:shortstr", "class_id:short",
-        "method_id:short")
+_define(10, 50, "connection.close", "reply_code:short", "reply_text:shortstr", "class_id:short", "method_id:short")
 _define(10, 51, "connection.close-ok")
 _define(10, 60, "connection.blocked", "reason:shortstr")
 _define(10, 61, "connection.unblocked")
@@ -222,54 +236,144 @@ _define(20, 10, "channel.open", "out_of_band:shortstr")
 _define(20, 11, "channel.open-ok", "channel_id:longstr")
 _define(20, 20, "channel.flow", "active:bit")
 _define(20, 21, "channel.flow-ok", "active:bit")
-_define(20, 40, "channel.close", "reply_code:short", "reply_text:shortstr", "class_id:short",
-        "method_id:short")
+_define(20, 40, "channel.close", "reply_code:short", "reply_text:shortstr", "class_id:short", "method_id:short")
 _define(20, 41, "channel.close-ok")
-_define(30, 10, "access.request", "realm:shortstr", "exclusive:bit", "passive:bit", "active:bit",
-        "write:bit", "read:bit")
+_define(
+    30, 10, "access.request", "realm:shortstr", "exclusive:bit", "passive:bit", "active:bit", "write:bit", "read:bit"
+)
 _define(30, 11, "access.request-ok", "ticket:short")
-_define(40, 10, "exchange.declare", "ticket:short", "exchange:shortstr", "type:shortstr",
-        "passive:bit", "durable:bit", "auto_delete:bit", "internal:bit", "nowait:bit",
-        "arguments:table")
+_define(
+    40,
+    10,
+    "exchange.declare",
+    "ticket:short",
+    "exchange:shortstr",
+    "type:shortstr",
+    "passive:bit",
+    "durable:bit",
+    "auto_delete:bit",
+    "internal:bit",
+    "nowait:bit",
+    "arguments:table",
+)
 _define(40, 11, "exchange.declare-ok")
 _define(40, 20, "exchange.delete", "ticket:short", "exchange:shortstr", "if_unused:bit", "nowait:bit")
 _define(40, 21, "exchange.delete-ok")
-_define(40, 30, "exchange.bind", "ticket:short", "destination:shortstr", "source:shortstr",
-        "routing_key:shortstr", "nowait:bit", "arguments:table")
+_define(
+    40,
+    30,
+    "exchange.bind",
+    "ticket:short",
+    "destination:shortstr",
+    "source:shortstr",
+    "routing_key:shortstr",
+    "nowait:bit",
+    "arguments:table",
+)
 _define(40, 31, "exchange.bind-ok")
-_define(40, 40, "exchange.unbind", "ticket:short", "destination:shortstr", "source:shortstr",
-        "routing_key:shortstr", "nowait:bit", "arguments:table")
+_define(
+    40,
+    40,
+    "exchange.unbind",
+    "ticket:short",
+    "destination:shortstr",
+    "source:shortstr",
+    "routing_key:shortstr",
+    "nowait:bit",
+    "arguments:table",
+)
 _define(40, 51, "exchange.unbind-ok")
-_define(50, 10, "queue.declare", "ticket:short", "queue:shortstr", "passive:bit", "durable:bit",
-        "exclusive:bit", "auto_delete:bit", "nowait:bit", "arguments:table")
+_define(
+    50,
+    10,
+    "queue.declare",
+    "ticket:short",
+    "queue:shortstr",
+    "passive:bit",
+    "durable:bit",
+    "exclusive:bit",
+    "auto_delete:bit",
+    "nowait:bit",
+    "arguments:table",
+)
 _define(50, 11, "queue.declare-ok", "queue:shortstr", "message_count:long", "consumer_count:long")
-_define(50, 20, "queue.bind", "ticket:short", "queue:shortstr", "exchange:shortstr",
-        "routing_key:shortstr", "nowait:bit", "arguments:table")
+_define(
+    50,
+    20,
+    "queue.bind",
+    "ticket:short",
+    "queue:shortstr",
+    "exchange:shortstr",
+    "routing_key:shortstr",
+    "nowait:bit",
+    "arguments:table",
+)
 _define(50, 21, "queue.bind-ok")
 _define(50, 30, "queue.purge", "ticket:short", "queue:shortstr", "nowait:bit")
 _define(50, 31, "queue.purge-ok", "message_count:long")
-_define(50, 40, "queue.delete", "ticket:short", "queue:shortstr", "if_unused:bit", "if_empty:bit",
-        "nowait:bit")
+_define(50, 40, "queue.delete", "ticket:short", "queue:shortstr", "if_unused:bit", "if_empty:bit", "nowait:bit")
 _define(50, 41, "queue.delete-ok", "message_count:long")
-_define(50, 50, "queue.unbind", "ticket:short", "queue:shortstr", "exchange:shortstr",
-        "routing_key:shortstr", "arguments:table")
+_define(
+    50,
+    50,
+    "queue.unbind",
+    "ticket:short",
+    "queue:shortstr",
+    "exchange:shortstr",
+    "routing_key:shortstr",
+    "arguments:table",
+)
 _define(50, 51, "queue.unbind-ok")
 _define(60, 10, "basic.qos", "prefetch_size:long", "prefetch_count:short", "global:bit")
 _define(60, 11, "basic.qos-ok")
-_define(60, 20, "basic.consume", "ticket:short", "queue:shortstr", "consumer_tag:shortstr",
-        "no_local:bit", "no_ack:bit", "exclusive:bit", "nowait:bit", "arguments:table")
+_define(
+    60,
+    20,
+    "basic.consume",
+    "ticket:short",
+    "queue:shortstr",
+    "consumer_tag:shortstr",
+    "no_local:bit",
+    "no_ack:bit",
+    "exclusive:bit",
+    "nowait:bit",
+    "arguments:table",
+)
 _define(60, 21, "basic.consume-ok", "consumer_tag:shortstr")
 _define(60, 30, "basic.cancel", "consumer_tag:shortstr", "nowait:bit")
 _define(60, 31, "basic.cancel-ok", "consumer_tag:shortstr")
-_define(60, 40, "basic.publish", "ticket:short", "exchange:shortstr", "routing_key:shortstr",
-        "mandatory:bit", "immediate:bit")
-_define(60, 50, "basic.return", "reply_code:short", "reply_text:shortstr", "exchange:shortstr",
-        "routing_key:shortstr")
-_define(60, 60, "basic.deliver", "consumer_tag:shortstr", "delivery_tag:longlong",
-        "redelivered:bit", "exchange:shortstr", "routing_key:shortstr")
+_define(
+    60,
+    40,
+    "basic.publish",
+    "ticket:short",
+    "exchange:shortstr",
+    "routing_key:shortstr",
+    "mandatory:bit",
+    "immediate:bit",
+)
+_define(60, 50, "basic.return", "reply_code:short", "reply_text:shortstr", "exchange:shortstr", "routing_key:shortstr")
+_define(
+    60,
+    60,
+    "basic.deliver",
+    "consumer_tag:shortstr",
+    "delivery_tag:longlong",
+    "redelivered:bit",
+    "exchange:shortstr",
+    "routing_key:shortstr",
+)
 _define(60, 70, "basic.get", "ticket:short", "queue:shortstr", "no_ack:bit")
-_define(60, 71, "basic.get-ok", "delivery_tag:longlong", "redelivered:bit", "exchange:shortstr",
-        "routing_key:shortstr", "message_count:long")
+_define(
+    60,
+    71,
+    "basic.get-ok",
+    "delivery_tag:longlong",
+    "redelivered:bit",
+    "exchange:shortstr",
+    "routing_key:shortstr",
+    "message_count:long",
+)
 _define(60, 72, "basic.get-empty", "cluster_id:shortstr")
 _define(60, 80, "basic.ack", "delivery_tag:longlong", "multiple:bit")
 _define(60, 90, "basic.reject", "delivery_tag:longlong", "requeue:bit")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import struct
 
-from .errors import ProtocolError
 from .constants import (
     FRAME_BODY,
     FRAME_END,
@@ -19,6 +18,7 @@ from .constants import (
     FRAME_METHOD,
     FRAME_OVERHEAD,
 )
+from .errors import ProtocolError
 
 FRAME_HEADER_STRUCT = struct.Struct(">BHI")
 _CONTENT_HEADER_PREFIX = struct.Struct(">HHQ")  # class id, weight, body size
@@ -63,8 +63,7 @@ class FrameReader:
         if size + FRAME_OVERHEAD > self.max_frame_size:
             raise FrameError(
                 501,
-                f"frame size {size + FRAME_OVERHEAD} exceeds the negotiated "
-                f"frame_max {self.max_frame_size}",
+                f"frame size {size + FRAME_OVERHEAD} exceeds the negotiated frame_max {self.max_frame_size}",
             )
         end = pos + FRAME_HEADER_SIZE + size
         if len(buf) <= end:
