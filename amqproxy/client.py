@@ -116,6 +116,10 @@ class ClientSession:
         except (OSError, gevent.Timeout) as exc:
             if not self.close_reason:
                 self.close_reason = f"socket error: {exc}"
+        except Exception:
+            # A bug of ours: the client gets a clean 541, never a traceback, and others carry on.
+            log.exception("internal error in client session", extra=self._log_extra("client_internal_error"))
+            self._protocol_failure(ProtocolError(c.INTERNAL_ERROR, "internal error in amqproxy"))
         finally:
             self._teardown()
             # Flush what is queued (a final Close-Ok), then let StreamServer close the socket.
@@ -124,6 +128,7 @@ class ClientSession:
             self.outbox.kill()
 
     def _protocol_failure(self, exc: ProtocolError) -> None:
+        self._reader.unshare()
         log.warning(
             "client protocol error",
             extra=self._log_extra("client_protocol_error", reply_code=exc.reply_code, reply_text=exc.text),
@@ -482,7 +487,7 @@ class ClientSession:
     def _on_control_method(self, link: Link, method: tuple[int, int], payload: memoryview) -> bool:
         """Check and interpret a control-plane method; returns whether to forward the frame."""
         if method == c.CHANNEL_OPEN:
-            raise ProtocolError(c.COMMAND_INVALID, "second 'channel.open' seen", method)
+            raise ProtocolError(c.CHANNEL_ERROR, "second 'channel.open' seen", method)
         link.on_method(method)
         if method not in CLIENT_CHANNEL_METHODS:
             raise ProtocolError(c.COMMAND_INVALID, f"unimplemented method {method_name(method)}", method)

@@ -307,3 +307,17 @@ def _redact(url: str) -> str:
 def fail(message: str) -> None:
     print(f"amqproxy: error: {message}", file=sys.stderr)
     raise SystemExit(2)
+
+
+def options_markdown() -> str:
+    """The README's option table, generated so that docs and code cannot drift."""
+    rows = ["| flag | env var | config key | default | meaning |", "|---|---|---|---|---|"]
+    rows.append("| `--config FILE` | `AMQPROXY_CONFIG` | | none | config file of `key = value` lines |")
+    for option in OPTIONS:
+        flag = f"`{option.flag} {option.metavar}`" if option.metavar else f"`{option.flag}`"
+        rows.append(f"| {flag} | `{option.env}` | `{option.config_key}` | `{option.default}` | {option.help} |")
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    print(options_markdown(), end="")

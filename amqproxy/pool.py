@@ -48,7 +48,7 @@ class Pool:
         self._locks: dict[object, BoundedSemaphore] = {}
         self.exclusive = ExclusiveQueues()
         # The broker's limits, learnt from the latest Tune; the configured ones until then.
-        self.channel_max = config.max_channels_per_upstream
+        self.channel_max = config.channel_max
         self.frame_max = config.frame_max
 
     # ------------------------------------------------------------------ client handshake
@@ -151,7 +151,7 @@ class Pool:
             upstream = Upstream(self, node, credentials, next(self._ids))
             try:
                 upstream.login(self.config.connect_timeout)
-                self.channel_max = upstream.channel_max
+                self.channel_max = upstream.broker_channel_max
                 self.frame_max = upstream.frame_max
                 if vhost is not None:
                     upstream.open(vhost, self.config.connect_timeout)

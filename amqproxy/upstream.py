@@ -80,7 +80,8 @@ class Upstream:
         self.sock: socket.socket | None = None
         self.outbox: Outbox | None = None
         self.state = "new"  # new -> logged-in -> open -> closing -> closed
-        self.channel_max = 0
+        self.channel_max = 0  # what this connection carries: min(broker, --max-channels-per-upstream)
+        self.broker_channel_max = 0  # what the broker allows a connection
         self.frame_max = 0
         self.max_body = 0
         self.heartbeat = 0
@@ -118,10 +119,14 @@ class Upstream:
             method, args = self._expect_method(c.CONNECTION_START, timeout)
             self.server_properties = args["server_properties"]
             mechanisms = args["mechanisms"].split()
-            if b"PLAIN" not in mechanisms:
-                raise UpstreamError(f"broker offers no PLAIN mechanism ({args['mechanisms']!r})", permanent=True)
-            self._send_handshake(start_ok_payload(self.credentials, self.name, {}))
+            mechanism = self.credentials.mechanism
+            if mechanism.encode() not in mechanisms:
+                mechanism = "PLAIN"
+                if b"PLAIN" not in mechanisms:
+                    raise UpstreamError(f"broker offers no PLAIN mechanism ({args['mechanisms']!r})", permanent=True)
+            self._send_handshake(start_ok_payload(self.credentials, self.name, {}, mechanism))
             method, args = self._expect_method(c.CONNECTION_TUNE, timeout)
+            self.broker_channel_max = args["channel_max"] or 65535
             self.channel_max = negotiate(cfg.max_channels_per_upstream, args["channel_max"]) or 65535
             self.frame_max = negotiate(cfg.frame_max, args["frame_max"]) or cfg.frame_max
             self.max_body = self.frame_max - c.FRAME_OVERHEAD

@@ -73,6 +73,14 @@ class FrameReader:
         self._pos = end + 1
         return frame_type, channel, pos + FRAME_HEADER_SIZE, end
 
+    def unshare(self) -> None:
+        """Give the reader a private copy of its buffer.
+
+        After an error raised mid-frame, memoryview slices held by the traceback still export the
+        old buffer, which then cannot be resized; the copy can.
+        """
+        self.buffer = bytearray(self.buffer)
+
     def compact(self) -> None:
         """Drop consumed bytes; cheap when everything was consumed (the common case)."""
         if self._pos:

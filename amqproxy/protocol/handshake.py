@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import __version__
-from .codec import DecodeError, decode_table, encode_method
+from .codec import DecodeError, decode_table, encode_method, encode_table
 from .constants import CONNECTION_START, CONNECTION_START_OK, CONNECTION_TUNE, CONNECTION_TUNE_OK
 
 # What RabbitMQ advertises (LESSONS: a proxy answering Connection.Start must advertise these).
@@ -54,6 +54,8 @@ class AuthError(ValueError):
 class Credentials:
     username: str
     password: str = ""
+    # The client's SASL mechanism, reused upstream so the broker's answers read the same.
+    mechanism: str = "PLAIN"
 
     def __repr__(self) -> str:  # never print the password
         return f"Credentials(username={self.username!r}, password=***)"
@@ -84,7 +86,7 @@ def parse_credentials(mechanism: str, response: bytes) -> Credentials:
         parts = response.split(b"\x00")
         if len(parts) != 3:
             raise AuthError(403, "ACCESS_REFUSED - malformed PLAIN response")
-        return Credentials(parts[1].decode("utf-8", "replace"), parts[2].decode("utf-8", "replace"))
+        return Credentials(parts[1].decode("utf-8", "replace"), parts[2].decode("utf-8", "replace"), "PLAIN")
     if mechanism == "AMQPLAIN":
         # The response is a field table without its 4-byte length prefix.
         try:
@@ -94,7 +96,7 @@ def parse_credentials(mechanism: str, response: bytes) -> Credentials:
         login, password = table.get("LOGIN"), table.get("PASSWORD")
         if login is None or password is None:
             raise AuthError(403, "ACCESS_REFUSED - AMQPLAIN response lacks LOGIN or PASSWORD")
-        return Credentials(_text(login), _text(password))
+        return Credentials(_text(login), _text(password), "AMQPLAIN")
     raise AuthError(503, f"COMMAND_INVALID - unknown authentication mechanism '{mechanism}'")
 
 
@@ -102,11 +104,15 @@ def _text(value: Any) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
-def plain_response(credentials: Credentials) -> bytes:
+def sasl_response(credentials: Credentials, mechanism: str) -> bytes:
+    if mechanism == "AMQPLAIN":
+        return encode_table({"LOGIN": credentials.username, "PASSWORD": credentials.password})[4:]
     return b"\x00" + credentials.username.encode() + b"\x00" + credentials.password.encode()
 
 
-def start_ok_payload(credentials: Credentials, connection_name: str, extra: dict[str, Any]) -> bytes:
+def start_ok_payload(
+    credentials: Credentials, connection_name: str, extra: dict[str, Any], mechanism: str = "PLAIN"
+) -> bytes:
     return encode_method(
         CONNECTION_START_OK,
         client_properties={
@@ -117,8 +123,8 @@ def start_ok_payload(credentials: Credentials, connection_name: str, extra: dict
             "capabilities": UPSTREAM_CAPABILITIES,
             **extra,
         },
-        mechanism="PLAIN",
-        response=plain_response(credentials),
+        mechanism=mechanism,
+        response=sasl_response(credentials, mechanism),
         locale="en_US",
     )
 
