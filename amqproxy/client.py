@@ -52,6 +52,10 @@ _METHOD_ID = struct.Struct(">HH")
 _RECV_SIZE = 256 * 1024
 _ACKS = frozenset({c.BASIC_ACK, c.BASIC_NACK, c.BASIC_REJECT})
 _CLOSE_OK_WAIT = 3.0  # how long a client gets to answer our Connection.Close
+# A client whose outbox stays above --client-buffer this long is disconnected; one whose outbox
+# passes this many times the limit is disconnected at once (memory stays bounded either way).
+SLOW_CLIENT_GRACE = 2.0
+_HARD_BUFFER_FACTOR = 4
 _ids = itertools.count(1)
 _id_prefix = f"{os.getpid() % 0xFFFF:04x}"
 
@@ -86,6 +90,7 @@ class ClientSession:
         self._reader = FrameReader(c.PRE_TUNE_FRAME_MAX)
         self._torn_down = False
         self.throttled = False  # waiting for an upstream to drain: our reads are paused on purpose
+        self.over_buffer_since: float | None = None  # when the outbox went above --client-buffer
 
     def __repr__(self) -> str:
         return f"ClientSession({self.id} {self.address})"
@@ -596,7 +601,10 @@ class ClientSession:
         outbox = self.outbox
         outbox.put(data)
         if outbox.buffered > self.config.client_buffer:
-            self.abort(f"slow client: more than {self.config.client_buffer} bytes waiting to be written")
+            if self.over_buffer_since is None:
+                self.over_buffer_since = time.monotonic()
+            if outbox.buffered > _HARD_BUFFER_FACTOR * self.config.client_buffer:
+                self.abort(f"slow client: more than {outbox.buffered} bytes waiting to be written")
 
     def upstream_lost(self, upstream: Upstream, cause: str) -> None:
         self.close_connection(c.CONNECTION_FORCED, f"CONNECTION_FORCED - upstream connection lost: {cause}"[:255])
@@ -619,6 +627,15 @@ class ClientSession:
 
     def tick(self, now: float) -> None:
         """Called by the janitor about once a second: heartbeats on the client leg."""
+        if self.over_buffer_since is not None:
+            if self.outbox.buffered <= self.config.client_buffer:
+                self.over_buffer_since = None
+            elif now - self.over_buffer_since > SLOW_CLIENT_GRACE:
+                self.abort(
+                    f"slow client: more than {self.config.client_buffer} bytes waiting to be written "
+                    f"for over {SLOW_CLIENT_GRACE:g} s"
+                )
+                return
         heartbeat = self.heartbeat
         if not heartbeat or self.closing:
             return

@@ -333,6 +333,8 @@ class Upstream:
                 reader.compact()
                 for client, out in batches.items():
                     client.deliver(out)
+                # A busy broker socket never blocks recv(); yield so client writers get to run.
+                gevent.sleep(0)
         except (OSError, ProtocolError, DecodeError) as exc:
             if self.state != "closed":
                 self.fail(f"connection to {self.node.label} lost: {_describe(exc)}")

@@ -39,16 +39,10 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 ALL_TARGETS = ("direct", "proxy")
-TARGETS = tuple(
-    t.strip()
-    for t in os.environ.get("AMQPROXY_TEST_TARGETS", "direct,proxy").split(",")
-    if t.strip()
-)
+TARGETS = tuple(t.strip() for t in os.environ.get("AMQPROXY_TEST_TARGETS", "direct,proxy").split(",") if t.strip())
 for _t in TARGETS:
     if _t not in ALL_TARGETS:
-        raise RuntimeError(
-            f"AMQPROXY_TEST_TARGETS: unknown target {_t!r} (known: {ALL_TARGETS})"
-        )
+        raise RuntimeError(f"AMQPROXY_TEST_TARGETS: unknown target {_t!r} (known: {ALL_TARGETS})")
 
 _broker = os.environ.get("AMQPROXY_TEST_BROKER", "127.0.0.1:5672")
 BROKER_HOST, _, _broker_port = _broker.rpartition(":")
@@ -69,13 +63,10 @@ _PROXIES_KEY = pytest.StashKey[list]()
 
 
 def pytest_configure(config):
-    config.addinivalue_line(
-        "markers", "integration: test needs a running RabbitMQ broker"
-    )
+    config.addinivalue_line("markers", "integration: test needs a running RabbitMQ broker")
     config.addinivalue_line(
         "markers",
-        "proxy_only: test only makes sense through amqproxy "
-        "(skipped unless 'proxy' is in AMQPROXY_TEST_TARGETS)",
+        "proxy_only: test only makes sense through amqproxy (skipped unless 'proxy' is in AMQPROXY_TEST_TARGETS)",
     )
     config.addinivalue_line(
         "markers",
@@ -84,9 +75,7 @@ def pytest_configure(config):
     )
     if not config.pluginmanager.hasplugin("timeout"):
         # Keep the marker known so that tests still collect without the plugin.
-        config.addinivalue_line(
-            "markers", "timeout(seconds): per-test timeout (needs pytest-timeout)"
-        )
+        config.addinivalue_line("markers", "timeout(seconds): per-test timeout (needs pytest-timeout)")
 
 
 def _timeout_configured(config) -> bool:
@@ -105,9 +94,7 @@ def _timeout_configured(config) -> bool:
 
 def pytest_collection_modifyitems(config, items):
     integration_dir = Path(__file__).resolve().parent / "integration"
-    add_timeout = config.pluginmanager.hasplugin("timeout") and not _timeout_configured(
-        config
-    )
+    add_timeout = config.pluginmanager.hasplugin("timeout") and not _timeout_configured(config)
     for item in items:
         path = Path(str(item.fspath)).resolve()
         if integration_dir in path.parents:
@@ -115,9 +102,7 @@ def pytest_collection_modifyitems(config, items):
         if add_timeout and item.get_closest_marker("timeout") is None:
             item.add_marker(pytest.mark.timeout(DEFAULT_TIMEOUT))
         if item.get_closest_marker("proxy_only") and "proxy" not in TARGETS:
-            item.add_marker(
-                pytest.mark.skip(reason="proxy not in AMQPROXY_TEST_TARGETS")
-            )
+            item.add_marker(pytest.mark.skip(reason="proxy not in AMQPROXY_TEST_TARGETS"))
 
 
 def pytest_generate_tests(metafunc):
@@ -153,7 +138,7 @@ def pytest_runtest_makereport(item, call):
         )
 
 
-def _record_proxy(request, proc: "ProxyProcess") -> None:
+def _record_proxy(request, proc: ProxyProcess) -> None:
     lst = request.node.stash.setdefault(_PROXIES_KEY, [])
     if proc not in lst:
         lst.append(proc)
@@ -190,6 +175,7 @@ class ProxyProcess:
         self.extra_args = list(extra_args)
         self.log_path = Path(log_path)
         self.proc: subprocess.Popen | None = None
+        self.ready = False
         self._log_file = None
 
     # -- lifecycle ---------------------------------------------------------
@@ -224,13 +210,11 @@ class ProxyProcess:
     def returncode(self) -> int | None:
         return self.proc.poll() if self.proc else None
 
-    def start(self) -> "ProxyProcess":
+    def start(self) -> ProxyProcess:
         # Only the explicit flags configure the proxy: drop AMQPROXY_* settings
         # from the environment (the test suite's own AMQPROXY_TEST_* included).
         env = {k: v for k, v in os.environ.items() if not k.startswith("AMQPROXY_")}
-        env["PYTHONPATH"] = os.pathsep.join(
-            [str(REPO_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
-        )
+        env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
         env["PYTHONUNBUFFERED"] = "1"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log_file = open(self.log_path, "ab", buffering=0)
@@ -245,7 +229,7 @@ class ProxyProcess:
         )
         return self
 
-    def wait_ready(self, timeout: float = PROXY_START_TIMEOUT) -> "ProxyProcess":
+    def wait_ready(self, timeout: float = PROXY_START_TIMEOUT) -> ProxyProcess:
         deadline = time.monotonic() + timeout
         amqp_ok = http_ok = False
         last_err = "not tried"
@@ -270,6 +254,7 @@ class ProxyProcess:
                 except (OSError, urllib.error.URLError) as e:
                     last_err = f"/healthz: {e!r}"
             if amqp_ok and http_ok:
+                self.ready = True
                 return self
             time.sleep(0.05)
         raise ProxyStartError(
@@ -314,6 +299,34 @@ class ProxyProcess:
     def log_tail(self, n: int = LOG_TAIL_LINES) -> str:
         return "\n".join(self.log_text().splitlines()[-n:])
 
+    def log_size(self) -> int:
+        try:
+            return self.log_path.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def non_json_lines(self, since: int = 0) -> list[str]:
+        """Log lines after byte offset `since` that are not JSON objects (our
+        own '# ...' lines excepted): with --log-format json these are
+        uncaught exceptions or stray prints."""
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(since)
+                text = f.read().decode(errors="replace")
+        except FileNotFoundError:
+            return []
+        bad = []
+        for line in text.splitlines():
+            if not line.strip() or line.startswith("# "):
+                continue
+            try:
+                ok = isinstance(json.loads(line), dict)
+            except ValueError:
+                ok = False
+            if not ok:
+                bad.append(line)
+        return bad
+
     def log_records(self) -> list[dict]:
         """The JSON log lines (non-JSON lines are skipped)."""
         out = []
@@ -326,7 +339,7 @@ class ProxyProcess:
                     pass
         return out
 
-    def target(self) -> "Target":
+    def target(self) -> Target:
         return Target("proxy", self.host, self.port, proxy=self)
 
     @property
@@ -360,10 +373,7 @@ class Broker:
             timeout=timeout,
         )
         if check and res.returncode != 0:
-            raise RuntimeError(
-                f"rabbitmqctl {' '.join(args)} failed ({res.returncode}): "
-                f"{res.stdout}\n{res.stderr}"
-            )
+            raise RuntimeError(f"rabbitmqctl {' '.join(args)} failed ({res.returncode}): {res.stdout}\n{res.stderr}")
         return res.stdout
 
     def list_connections(self) -> list[dict]:
@@ -499,8 +509,7 @@ class Target:
         password = self.password if password is None else password
         vhost = self.vhost if vhost is None else vhost
         url = (
-            f"amqp://{quote(user, safe='')}:{quote(password, safe='')}"
-            f"@{self.host}:{self.port}/{quote(vhost, safe='')}"
+            f"amqp://{quote(user, safe='')}:{quote(password, safe='')}@{self.host}:{self.port}/{quote(vhost, safe='')}"
         )
         if query:
             url += "?" + urlencode(query)
@@ -571,11 +580,27 @@ def proxy(request, _proxy_holder, _proxy_start_failure) -> ProxyProcess:
         _proxy_start_failure["error"] = str(e)
         pytest.fail(str(e), pytrace=False)
     _record_proxy(request, proc)
+    log_offset = proc.log_size()
     yield proc
     if not proc.alive:
         pytest.fail(
             f"amqproxy (pid {proc.pid}) exited with code {proc.returncode} "
             f"during this test\n--- log ---\n{proc.log_tail()}",
+            pytrace=False,
+        )
+    _check_log_hygiene(proc, log_offset, shared=True)
+
+
+def _check_log_hygiene(proc: ProxyProcess, since: int, shared: bool) -> None:
+    if os.environ.get("AMQPROXY_TEST_ALLOW_NON_JSON_LOG"):
+        return
+    time.sleep(0.05)  # let output of just-closed connections land
+    bad = proc.non_json_lines(since)
+    if bad:
+        where = " (shared proxy: may stem from the end of the previous test)" if shared else ""
+        pytest.fail(
+            f"amqproxy wrote {len(bad)} non-JSON log line(s) during this test{where}, "
+            "e.g. an uncaught exception:\n" + "\n".join(bad[:60]),
             pytrace=False,
         )
 
@@ -602,6 +627,9 @@ def proxy_factory(request, tmp_path):
     yield start
     for proc in started:
         proc.stop()
+    for proc in started:
+        if proc.ready:  # a failed start was reported already
+            _check_log_hygiene(proc, 0, shared=False)
 
 
 @pytest.fixture

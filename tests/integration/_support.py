@@ -95,7 +95,7 @@ class RawAMQP:
             self.sock.settimeout(remaining)
             try:
                 chunk = self.sock.recv(65536)
-            except socket.timeout:
+            except TimeoutError:
                 return data, "timeout"
             except ConnectionResetError:
                 return data, "reset"

@@ -17,8 +17,7 @@ from ._support import run_async
 FAST = 5.0  # seconds a refused login may take at most
 
 REFUSED_PLAIN = (
-    "ACCESS_REFUSED - Login was refused using authentication mechanism PLAIN. "
-    "For details see the broker logfile."
+    "ACCESS_REFUSED - Login was refused using authentication mechanism PLAIN. For details see the broker logfile."
 )
 REFUSED_ANY = re.compile(
     r"ACCESS_REFUSED - Login was refused using authentication mechanism (PLAIN|AMQPLAIN)\. "

@@ -15,10 +15,10 @@ def test_50_channels_one_connection(target, names):
         chans = [conn.channel() for _ in range(50)]
         assert len({c.channel_number for c in chans}) == 50
         queues = [names.queue() for _ in range(50)]
-        for i, (ch, q) in enumerate(zip(chans, queues)):
+        for i, (ch, q) in enumerate(zip(chans, queues, strict=True)):
             ch.queue_declare(q)
             ch.basic_publish("", q, f"channel-{i}".encode(), pika.BasicProperties(message_id=str(i)))
-        for i, (ch, q) in enumerate(zip(chans, queues)):
+        for i, (ch, q) in enumerate(zip(chans, queues, strict=True)):
             method, props, body = ch.basic_get(q, auto_ack=True)
             assert method is not None, f"channel {i}: message missing"
             assert (body, props.message_id, method.delivery_tag) == (f"channel-{i}".encode(), str(i), 1)

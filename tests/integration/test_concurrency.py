@@ -16,9 +16,7 @@ def _client(target, idx, queue, barrier, results):
             ch.queue_declare(queue)
             barrier.wait(timeout=20)  # all 30 connections open at once
             for i in range(N_MESSAGES):
-                ch.basic_publish(
-                    "", queue, f"{idx}:{i}".encode(), pika.BasicProperties(correlation_id=f"{idx}-{i}")
-                )
+                ch.basic_publish("", queue, f"{idx}:{i}".encode(), pika.BasicProperties(correlation_id=f"{idx}-{i}"))
             got = []
             for method, props, body in ch.consume(queue, inactivity_timeout=10):
                 if method is None:

@@ -93,7 +93,7 @@ def test_pika_publish_consume_properties_in_order(target, names):
             if len(received) == N_MESSAGES:
                 break
         ch.cancel()
-        for i, ((method, props, body), (sprops, sbody)) in enumerate(zip(received, sent)):
+        for i, ((method, props, body), (sprops, sbody)) in enumerate(zip(received, sent, strict=True)):
             assert method.delivery_tag == i + 1
             assert method.redelivered is False
             assert method.exchange == ""
@@ -119,9 +119,7 @@ def test_aio_pika_publish_consume_properties_in_order(target, names):
                 content_type="text/plain",
                 content_encoding="utf-8",
                 headers=_headers(i),
-                delivery_mode=aio_pika.DeliveryMode.PERSISTENT
-                if i % 2
-                else aio_pika.DeliveryMode.NOT_PERSISTENT,
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT if i % 2 else aio_pika.DeliveryMode.NOT_PERSISTENT,
                 priority=i % 10,
                 correlation_id=f"corr-{i}",
                 reply_to="rq",
@@ -172,7 +170,7 @@ def test_aio_pika_publish_consume_properties_in_order(target, names):
 
     got = run_async(main(), timeout=30)
     assert len(got) == N_MESSAGES
-    for i, (g, m) in enumerate(zip(got, sent)):
+    for i, (g, m) in enumerate(zip(got, sent, strict=True)):
         (body, tag, redelivered, *props) = g
         assert body == m.body, i
         assert tag == i + 1
@@ -206,8 +204,7 @@ def test_user_id_mismatch_is_rejected(target, names):
             ch.basic_get(q)
         assert ei.value.reply_code == 406
         assert ei.value.reply_text == (
-            "PRECONDITION_FAILED - user_id property set to 'someone-else' "
-            "but authenticated user was 'guest'"
+            "PRECONDITION_FAILED - user_id property set to 'someone-else' but authenticated user was 'guest'"
         )
     finally:
         conn.close()
@@ -242,19 +239,14 @@ def test_aio_pika_publisher_confirms_1000(target, names):
             ch = await conn.channel(publisher_confirms=True)
             await ch.declare_queue(q)
             results = await __import__("asyncio").gather(
-                *(
-                    ch.default_exchange.publish(aio_pika.Message(str(i).encode()), routing_key=q)
-                    for i in range(1000)
-                )
+                *(ch.default_exchange.publish(aio_pika.Message(str(i).encode()), routing_key=q) for i in range(1000))
             )
             queue = await ch.declare_queue(q, passive=True)
             return results, queue.declaration_result.message_count
 
     results, count = run_async(main(), timeout=40)
     assert len(results) == 1000
-    assert all(isinstance(r, pamqp.commands.Basic.Ack) for r in results), {
-        type(r).__name__ for r in results
-    }
+    assert all(isinstance(r, pamqp.commands.Basic.Ack) for r in results), {type(r).__name__ for r in results}
     assert count == 1000
 
 
@@ -313,7 +305,6 @@ def test_py_amqp_large_bodies_small_frame_max(target, names, big_bodies):
         assert conn.frame_max == 4096
         ch = conn.channel()
         ch.queue_declare(q)
-        ch.confirm_select()
         och = other.channel()
         och.confirm_delivery()
         for size, body in big_bodies.items():
@@ -321,7 +312,9 @@ def test_py_amqp_large_bodies_small_frame_max(target, names, big_bodies):
             msg = ch.basic_get(q, no_ack=True)
             assert msg is not None
             assert len(msg.body) == size and sha256(msg.body) == sha256(body)
-            ch.basic_publish(amqp.Message(body, message_id="amqp"), exchange="", routing_key=q)
+            # basic_publish_confirm waits for the broker's ack (plain
+            # basic_publish does not, even after confirm_select).
+            ch.basic_publish_confirm(amqp.Message(body, message_id="amqp"), exchange="", routing_key=q)
             props, got = _pika_get(och, q)
             assert props.message_id == "amqp"
             assert len(got) == size and sha256(got) == sha256(body)

@@ -104,12 +104,12 @@ def test_failed_logins_leave_no_upstream_behind(proxy_factory, broker):
 def test_max_channels_per_upstream_spills_to_new_upstream(proxy_factory, broker, names):
     proc = proxy_factory("--max-channels-per-upstream", "4")
     target = proc.target()
-    conn = target.pika()
-    other = target.pika()
+    conns = [target.pika() for _ in range(3)]
     try:
-        chans = [conn.channel() for _ in range(6)] + [other.channel() for _ in range(4)]
+        # 10 channels in all (4 + 4 + 2), at most 4 per upstream: 3 upstreams.
+        chans = [c.channel() for c in conns[:2] for _ in range(4)] + [conns[2].channel() for _ in range(2)]
         ups = broker.proxy_upstreams(proc)
-        assert len(ups) == 3, len(ups)  # 10 channels, at most 4 per upstream
+        assert len(ups) == 3, len(ups)
         # All channels work.
         for i, ch in enumerate(chans):
             q = names.queue()
@@ -117,8 +117,8 @@ def test_max_channels_per_upstream_spills_to_new_upstream(proxy_factory, broker,
             ch.basic_publish("", q, str(i).encode())
             assert ch.basic_get(q, auto_ack=True)[2] == str(i).encode()
     finally:
-        conn.close()
-        other.close()
+        for c in conns:
+            c.close()
 
 
 def test_idle_upstream_closed_after_idle_timeout(proxy_factory, broker):
@@ -216,7 +216,7 @@ def test_abrupt_client_disconnects_do_not_harm_proxy(proxy, names):
     ch = conn.channel()
     ch.queue_declare(q)
     ch.confirm_delivery()
-    for i in range(10):
+    for _ in range(10):
         ch.basic_publish("", q, b"x")
     ch.basic_consume(q, lambda *a: None)
     conn.process_data_events(0.2)

@@ -64,7 +64,14 @@ def test_py_amqp_basic_return(target, names):
         returned = []
         ch.events["basic_return"].add(
             lambda exc, exchange, routing_key, message: returned.append(
-                (exc.reply_code, exc.reply_text, exchange, routing_key, message.body, message.properties.get("correlation_id"))
+                (
+                    exc.reply_code,
+                    exc.reply_text,
+                    exchange,
+                    routing_key,
+                    message.body,
+                    message.properties.get("correlation_id"),
+                )
             )
         )
         ch.basic_publish(
@@ -100,9 +107,7 @@ def test_aio_pika_return(target, names):
             callbacks = []
             fut = asyncio.get_running_loop().create_future()
             ch2.return_callbacks.add(lambda _ch, m: (callbacks.append(m), fut.done() or fut.set_result(None)))
-            await ch2.default_exchange.publish(
-                aio_pika.Message(b"aio cb"), routing_key=missing, mandatory=True
-            )
+            await ch2.default_exchange.publish(aio_pika.Message(b"aio cb"), routing_key=missing, mandatory=True)
             await asyncio.wait_for(fut, 5)
             return returned, frame, callbacks
 

@@ -1,0 +1,118 @@
+"""Isolation between clients that share the proxy: what one suffers, the others never notice."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pika
+import pika.exceptions
+import pytest
+
+from ._support import wait_until
+
+pytestmark = [pytest.mark.integration, pytest.mark.proxy_only]
+
+
+def _roundtrip(conn, queue: str, count: int = 20) -> None:
+    ch = conn.channel()
+    ch.queue_declare(queue, auto_delete=True)
+    ch.confirm_delivery()
+    for i in range(count):
+        ch.basic_publish("", queue, str(i).encode())
+    got = [ch.basic_get(queue, auto_ack=True)[2] for _ in range(count)]
+    assert got == [str(i).encode() for i in range(count)]
+    ch.close()
+
+
+def test_lost_upstream_closes_only_its_clients_with_320(proxy_factory, broker, temp_vhost, names):
+    """rabbitmqctl close_connection on one pooled upstream: its client gets 320 naming the cause,
+    a client on another upstream (other vhost) carries on, and a new client gets a new upstream."""
+    proc = proxy_factory()
+    target = proc.target()
+    victim = target.pika()
+    bystander = target.pika(virtual_host=temp_vhost)
+    victim_ch = victim.channel()
+    bystander_ch = bystander.channel()
+    assert {u["vhost"] for u in broker.proxy_upstreams(proc)} == {"/", temp_vhost}
+    # close_connection wants the pid as the plain-text listing prints it: <rabbit@host.N.N.N>
+    rows = [
+        line.split("\t")
+        for line in broker.ctl("-q", "list_connections", "pid", "vhost", "client_properties").splitlines()
+    ]
+    (pid,) = [row[0] for row in rows[1:] if row[1] == "/" and f'"{proc.connection_name_prefix}' in row[2]]
+
+    broker.ctl("close_connection", pid, "maintenance drill")
+    started = time.monotonic()
+    with pytest.raises(pika.exceptions.ConnectionClosedByBroker) as err:
+        while time.monotonic() - started < 10:
+            victim.process_data_events(time_limit=0.2)
+    assert err.value.reply_code == 320
+    assert "upstream connection lost" in err.value.reply_text
+    assert "maintenance drill" in err.value.reply_text
+    assert time.monotonic() - started < 5
+    assert not victim_ch.is_open
+
+    _roundtrip(bystander, names.queue(vhost=temp_vhost))
+    assert bystander_ch.is_open
+    bystander.close()
+
+    fresh = target.pika()
+    _roundtrip(fresh, names.queue())
+    fresh.close()
+
+
+def test_slow_consumer_does_not_stall_clients_on_the_same_upstream(proxy_factory, broker, names):
+    """A consumer that stops reading its socket while the broker pushes it megabytes: another
+    client on the same upstream connection keeps publishing and getting at full speed."""
+    proc = proxy_factory("--client-buffer", str(256 * 1024 * 1024))
+    target = proc.target()
+    queue = names.queue("slow")
+    body = os.urandom(256 * 1024)
+
+    loader = target.pika()
+    ch = loader.channel()
+    ch.queue_declare(queue)
+    for _ in range(120):  # 30 MiB waiting for the slow consumer
+        ch.basic_publish("", queue, body)
+    loader.close()
+
+    slow = target.pika(heartbeat=0)
+    slow_ch = slow.channel()
+    slow_ch.basic_consume(queue, lambda *a: None, auto_ack=True)
+    # From here on the slow client never reads: its socket buffers fill, the proxy buffers the rest.
+
+    fast = target.pika()
+    assert len(broker.proxy_upstreams(proc)) == 1  # all three clients share one upstream
+    started = time.monotonic()
+    _roundtrip(fast, names.queue("fast"), count=200)
+    elapsed = time.monotonic() - started
+    fast.close()
+    assert elapsed < 5, f"a fast client took {elapsed:.1f}s next to a slow consumer"
+    slow.close()
+
+
+def test_slow_consumer_past_client_buffer_is_disconnected(proxy_factory, names):
+    """The proxy never buffers without bound for a client that does not read."""
+    proc = proxy_factory("--client-buffer", str(4 * 1024 * 1024))
+    target = proc.target()
+    queue = names.queue("overflow")
+    loader = target.pika()
+    ch = loader.channel()
+    ch.queue_declare(queue)
+    body = os.urandom(256 * 1024)
+    for _ in range(80):  # 20 MiB > socket buffers + 4 MiB
+        ch.basic_publish("", queue, body)
+
+    slow = target.pika(heartbeat=0)
+    slow.channel().basic_consume(queue, lambda *a: None, auto_ack=True)
+    wait_until(
+        lambda: any(r.get("event") == "client_abort" for r in proc.log_records()),
+        timeout=10,
+        interval=0.2,
+        msg="slow client not disconnected",
+    )
+    record = next(r for r in proc.log_records() if r.get("event") == "client_abort")
+    assert "slow client" in record["reason"]
+    _roundtrip(loader, names.queue("after"))  # others unaffected
+    loader.close()
