@@ -18,6 +18,7 @@ setup(
     ],
     extras_require={
         "test": [
+            "pamqp>=3.2",
             "pytest>=7.4",
             "pytest-timeout>=2.2",
             "pika>=1.3",

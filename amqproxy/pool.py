@@ -14,6 +14,8 @@ import itertools
 import logging
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from gevent.lock import BoundedSemaphore
@@ -45,8 +47,9 @@ class Pool:
         self._ids = itertools.count(1)
         self.upstreams: dict[PoolKey, list[Upstream]] = {}
         self._held: dict[tuple[str, str], list[Upstream]] = {}
-        self._locks: dict[object, BoundedSemaphore] = {}
+        self._locks: dict[object, tuple[BoundedSemaphore, list[int]]] = {}
         self.exclusive = ExclusiveQueues()
+        self.closing: set[Upstream] = set()  # sent Connection.Close, awaiting Close-Ok
         # The broker's limits, learnt from the latest Tune; the configured ones until then.
         self.channel_max = config.channel_max
         self.frame_max = config.frame_max
@@ -174,11 +177,22 @@ class Pool:
         assert last_error is not None
         raise last_error
 
-    def _lock(self, key: object) -> BoundedSemaphore:
-        lock = self._locks.get(key)
-        if lock is None:
-            lock = self._locks[key] = BoundedSemaphore()
-        return lock
+    @contextmanager
+    def _lock(self, key: object) -> Iterator[None]:
+        """Serialise dialling per key; the entry lives only while someone holds or awaits it, so
+        keys never pile up (not even for a client trying password after password)."""
+        entry = self._locks.get(key)
+        if entry is None:
+            entry = self._locks[key] = (BoundedSemaphore(), [0])
+        lock, users = entry
+        users[0] += 1
+        try:
+            with lock:
+                yield
+        finally:
+            users[0] -= 1
+            if not users[0]:
+                del self._locks[key]
 
     # ------------------------------------------------------------------ bookkeeping
 
@@ -188,7 +202,6 @@ class Pool:
                 ups.remove(upstream)
                 if not ups:
                     del self.upstreams[key]
-                    self._locks.pop(key, None)
 
     def all_upstreams(self) -> list[Upstream]:
         return [u for ups in self.upstreams.values() for u in ups]

@@ -8,6 +8,7 @@ upstream eviction; the admin HTTP server runs its own greenlets.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import socket
 import time
@@ -77,7 +78,7 @@ class Proxy:
         """Stop accepting, close every client with 320, close upstreams with 200, then return."""
         if self.stopping:
             log.warning("second stop signal: exiting now", extra={"event": "stop_forced"})
-            raise SystemExit(1)
+            os._exit(1)
         self.stopping = True
         log.info("amqproxy stopping", extra={"event": "stop", "signal": why, "clients": len(self.sessions)})
         gevent.spawn(self._stop)
@@ -91,7 +92,9 @@ class Proxy:
         while self.sessions and time.monotonic() < deadline:
             gevent.sleep(0.05)
         self.pool.close_all("proxy shutting down")
-        gevent.sleep(0.2)
+        deadline = time.monotonic() + SHUTDOWN_GRACE
+        while self.pool.closing and time.monotonic() < deadline:
+            gevent.sleep(0.05)
         if self._admin is not None:
             self._admin.stop()
         if self._janitor is not None:

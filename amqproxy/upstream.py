@@ -444,6 +444,7 @@ class Upstream:
         self.state = "closing"
         self.close_cause = reason
         self.pool.forget(self)
+        self.pool.closing.add(self)
         self.send_method(0, c.CONNECTION_CLOSE, reply_code=200, reply_text=reason)
         log.info(
             "upstream connection closing",
@@ -480,6 +481,7 @@ class Upstream:
 
     def _finish(self) -> None:
         self.state = "closed"
+        self.pool.closing.discard(self)
         if self.outbox is not None:
             self.outbox.kill()
         if self.sock is not None:
