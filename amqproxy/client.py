@@ -277,7 +277,7 @@ class ClientSession:
             header += data
             if not c.PROTOCOL_HEADER.startswith(header[:4]):
                 break
-        if header != c.PROTOCOL_HEADER:
+        if header != c.PROTOCOL_HEADER and header != c.LEGACY_0_9_1_HEADER:
             # Spec 4.2.2: answer an unsupported header with ours, then close.
             self.outbox.put(c.PROTOCOL_HEADER)
             self.proxy.metrics.protocol_header_rejected()

@@ -4,6 +4,8 @@ Reply codes and their names follow the 0-9-1 spec as RabbitMQ uses them.
 """
 
 PROTOCOL_HEADER = b"AMQP\x00\x00\x09\x01"
+# Some old 0-9-1 clients announce themselves this way; RabbitMQ accepts it as 0-9-1.
+LEGACY_0_9_1_HEADER = b"AMQP\x01\x01\x00\x09"
 
 FRAME_METHOD = 1
 FRAME_HEADER = 2

@@ -54,6 +54,14 @@ def test_connection_start(target):
         assert caps.get(cap) is True, cap
 
 
+def test_legacy_0_9_1_header_is_accepted(target):
+    """Old clients announce 0-9-1 as AMQP 1 1 0 9; RabbitMQ answers with a 0-9 Connection.Start."""
+    with RawAMQP(target.host, target.port) as raw:
+        raw.send_bytes(b"AMQP\x01\x01\x00\x09")
+        start = raw.expect(C.Connection.Start, channel=0)
+    assert (start.version_major, start.version_minor) == (0, 9)
+
+
 def test_protocol_header_in_pieces(target):
     """The 8 header bytes may arrive one by one."""
     with RawAMQP(target.host, target.port) as raw:
