@@ -40,6 +40,7 @@ class Link(ChannelGuard):
         "u_close_ok_received",
         "pending_declares",
         "pending_deletes",
+        "content",
     )
 
     def __init__(
@@ -56,6 +57,9 @@ class Link(ChannelGuard):
         # Replies the proxy must read (spec: synchronous replies come in request order per channel).
         self.pending_declares: deque[bool] = deque()  # exclusive flag per queue.declare awaiting -ok
         self.pending_deletes: deque[str] = deque()  # queue names per queue.delete awaiting -ok
+        # A publish being received from the client (method, header, bodies), remapped, held
+        # until complete so that the upstream never sees a partial message.
+        self.content = bytearray()
 
     @property
     def closing(self) -> bool:
@@ -77,3 +81,8 @@ class Link(ChannelGuard):
 
     def __repr__(self) -> str:
         return f"Link(c{self.client_channel}->u{self.upstream_channel} {self.state})"
+
+    def reset(self) -> None:
+        """The channel is closing: forget sequencing state and any half-received message."""
+        super().reset()
+        self.content.clear()

@@ -39,7 +39,7 @@ from .protocol.handshake import (
     start_payload,
     tune_payload,
 )
-from .protocol.rules import CLIENT_CHANNEL_METHODS, QUEUE_ACCESS_METHODS, check_ack_layout
+from .protocol.rules import CLIENT_CHANNEL_METHODS, EXPECT_METHOD, QUEUE_ACCESS_METHODS, check_ack_layout
 from .upstream import UpstreamError
 
 if TYPE_CHECKING:
@@ -88,6 +88,7 @@ class ClientSession:
         self.close_reason = ""
         self.outbox = Outbox(sock, self._on_write_error, high_watermark=self.config.client_buffer)
         self._reader = FrameReader(c.PRE_TUNE_FRAME_MAX)
+        self._batches: dict[Upstream, bytearray] = {}  # this read's frames, per upstream
         self._torn_down = False
         self.throttled = False  # waiting for an upstream to drain: our reads are paused on purpose
         self.over_buffer_since: float | None = None  # when the outbox went above --client-buffer
@@ -364,6 +365,7 @@ class ClientSession:
         sock = self.sock
         reader = self._reader
         channels = self.channels
+        batches = self._batches
         pack_header = FRAME_HEADER_STRUCT.pack
         unpack_method = _METHOD_ID.unpack_from
         while True:
@@ -376,12 +378,14 @@ class ClientSession:
                 return
             self.last_recv = time.monotonic()
             reader.feed(data)
-            batches: dict[Upstream, bytearray] = {}
             buf = reader.buffer
             with memoryview(buf) as view:
                 while not self.closing and (frame := reader.next_frame()) is not None:
                     frame_type, channel, start, end = frame
                     if channel == 0:
+                        # Connection-level events act on upstream channels directly: everything
+                        # read before them must be on its way first.
+                        self._flush()
                         if self._on_connection_frame(frame_type, view[start:end]):
                             return
                         continue
@@ -389,16 +393,23 @@ class ClientSession:
                     if frame_type == c.FRAME_METHOD:
                         method = unpack_method(buf, start)
                         if link is None:
-                            if method == c.CHANNEL_OPEN:
-                                self._flush(batches)
-                                link = self._open_channel(channel)
-                            else:
+                            if method != c.CHANNEL_OPEN:
                                 raise ProtocolError(c.CHANNEL_ERROR, "expected 'channel.open'", method)
+                            self._flush()
+                            link = self._open_channel(channel)
                         elif link.closing:
+                            self._flush()
                             self._on_closing_channel_method(link, method)
                             continue
                         elif method == c.BASIC_PUBLISH:
+                            # Hold the message until its last frame: a partly forwarded message
+                            # followed by anything else on the channel would be a 505 for the
+                            # whole shared connection (e.g. the client leaving mid-message).
                             link.on_publish(buf, start, end)
+                            content = link.content
+                            content += pack_header(c.FRAME_METHOD, link.upstream_channel, end - start)
+                            content += view[start : end + 1]
+                            continue
                         elif method in _ACKS:
                             link.on_method(method)
                             check_ack_layout(method, end - start)
@@ -410,18 +421,29 @@ class ClientSession:
                         raise ProtocolError(c.UNEXPECTED_FRAME, "expected method frame, got non method frame instead")
                     elif link.closing:
                         continue
-                    elif frame_type == c.FRAME_HEADER:
-                        link.on_header(buf, start, end)
-                    elif frame_type == c.FRAME_BODY:
-                        link.on_body(end - start)
-                        if end - start > link.upstream.max_body:
+                    else:
+                        content = link.content
+                        if frame_type == c.FRAME_HEADER:
+                            link.on_header(buf, start, end)
+                            content += pack_header(c.FRAME_HEADER, link.upstream_channel, end - start)
+                            content += view[start : end + 1]
+                        elif frame_type == c.FRAME_BODY:
+                            link.on_body(end - start)
+                            max_body = link.upstream.max_body
+                            if end - start > max_body:
+                                append_split_body(content, link.upstream_channel, view[start:end], max_body)
+                            else:
+                                content += pack_header(c.FRAME_BODY, link.upstream_channel, end - start)
+                                content += view[start : end + 1]
+                        else:
+                            raise ProtocolError(c.FRAME_ERROR, "heartbeat frame on non-zero channel")
+                        if link.expect == EXPECT_METHOD:  # the message is complete
                             out = batches.get(link.upstream)
                             if out is None:
                                 out = batches[link.upstream] = bytearray()
-                            append_split_body(out, link.upstream_channel, view[start:end], link.upstream.max_body)
-                            continue
-                    else:
-                        raise ProtocolError(c.FRAME_ERROR, "heartbeat frame on non-zero channel")
+                            out += content
+                            content.clear()
+                        continue
                     upstream = link.upstream
                     out = batches.get(upstream)
                     if out is None:
@@ -429,25 +451,26 @@ class ClientSession:
                     out += pack_header(frame_type, link.upstream_channel, end - start)
                     out += view[start : end + 1]
             reader.compact()
-            self._flush(batches)
+            self._flush()
 
-    def _flush(self, batches: dict[Upstream, bytearray]) -> None:
+    def _flush(self) -> None:
+        """Hand this read's frames to their upstreams, in order; wait if an upstream is backed up."""
+        batches = self._batches
         if not batches:
             return
         for upstream, out in batches.items():
             upstream.send(out)
-        for upstream in batches:
+        backed_up = [u.outbox for u in batches if u.outbox is not None and u.outbox.buffered > u.outbox.high_watermark]
+        batches.clear()
+        for outbox in backed_up:
             # Backpressure: a publisher faster than its upstream waits here, its socket unread,
             # as RabbitMQ itself stops reading a connection under flow control.
-            outbox = upstream.outbox
-            if outbox is not None and outbox.buffered > outbox.high_watermark:
-                self.throttled = True
-                try:
-                    outbox.wait_for_room()
-                finally:
-                    self.throttled = False
-                    self.last_recv = time.monotonic()
-        batches.clear()
+            self.throttled = True
+            try:
+                outbox.wait_for_room()
+            finally:
+                self.throttled = False
+                self.last_recv = time.monotonic()
 
     def _on_connection_frame(self, frame_type: int, payload: memoryview) -> bool:
         """Channel 0 after the handshake. Returns True when the session should end."""
@@ -592,6 +615,7 @@ class ClientSession:
                 ),
             )
         )
+        self._flush()  # what the client sent before this method goes first
         link.upstream.close_channel(link, 200, "closed by amqproxy")
 
     # ------------------------------------------------------------------ called by upstream readers

@@ -5,13 +5,17 @@ from __future__ import annotations
 import os
 import time
 
+import pamqp.body
+import pamqp.commands as C
+import pamqp.frame
+import pamqp.header
 import pika
 import pika.exceptions
 import pytest
 
-from ._support import wait_until
+from ._support import RawAMQP, wait_until
 
-pytestmark = [pytest.mark.integration, pytest.mark.proxy_only]
+pytestmark = [pytest.mark.integration]
 
 
 def _roundtrip(conn, queue: str, count: int = 20) -> None:
@@ -25,6 +29,7 @@ def _roundtrip(conn, queue: str, count: int = 20) -> None:
     ch.close()
 
 
+@pytest.mark.proxy_only
 def test_lost_upstream_closes_only_its_clients_with_320(proxy_factory, broker, temp_vhost, names):
     """rabbitmqctl close_connection on one pooled upstream: its client gets 320 naming the cause,
     a client on another upstream (other vhost) carries on, and a new client gets a new upstream."""
@@ -62,6 +67,7 @@ def test_lost_upstream_closes_only_its_clients_with_320(proxy_factory, broker, t
     fresh.close()
 
 
+@pytest.mark.proxy_only
 def test_slow_consumer_does_not_stall_clients_on_the_same_upstream(proxy_factory, broker, names):
     """A consumer that stops reading its socket while the broker pushes it megabytes: another
     client on the same upstream connection keeps publishing and getting at full speed."""
@@ -92,6 +98,7 @@ def test_slow_consumer_does_not_stall_clients_on_the_same_upstream(proxy_factory
     slow.close()
 
 
+@pytest.mark.proxy_only
 def test_slow_consumer_past_client_buffer_is_disconnected(proxy_factory, names):
     """The proxy never buffers without bound for a client that does not read."""
     proc = proxy_factory("--client-buffer", str(4 * 1024 * 1024))
@@ -116,3 +123,59 @@ def test_slow_consumer_past_client_buffer_is_disconnected(proxy_factory, names):
     assert "slow client" in record["reason"]
     _roundtrip(loader, names.queue("after"))  # others unaffected
     loader.close()
+
+
+def _publish_frames(queue: str, body: bytes, channel: int = 1) -> list[bytes]:
+    return [
+        pamqp.frame.marshal(C.Basic.Publish(exchange="", routing_key=queue), channel),
+        pamqp.frame.marshal(pamqp.header.ContentHeader(0, len(body), C.Basic.Properties()), channel),
+        pamqp.frame.marshal(pamqp.body.ContentBody(body), channel),
+    ]
+
+
+@pytest.mark.targets("direct", "proxy")
+def test_publish_then_close_in_one_write_is_delivered(target, broker, names):
+    """The PHP-style client: publish and Connection.Close in the same write. Nothing is lost."""
+    queue = names.queue()
+    setup = broker.pika_connection()
+    setup.channel().queue_declare(queue)
+    setup.close()
+    for i in range(20):
+        with RawAMQP(target.host, target.port) as raw:
+            raw.handshake()
+            raw.send(C.Channel.Open(), 1)
+            raw.expect(C.Channel.OpenOk, channel=1)
+            close = pamqp.frame.marshal(
+                C.Connection.Close(reply_code=200, reply_text="bye", class_id=0, method_id=0), 0
+            )
+            raw.send_bytes(b"".join(_publish_frames(queue, b"msg-%d" % i)) + close)
+            raw.expect(C.Connection.CloseOk, channel=0)
+    wait_until(lambda: broker.queue_message_count(queue) == 20, timeout=5, msg="messages lost")
+
+
+@pytest.mark.proxy_only
+def test_client_leaving_mid_message_does_not_break_the_shared_upstream(proxy_factory, broker, names):
+    """A client that vanishes between a message's frames: the partial message is not published
+    (as with the broker) and the upstream connection it shared stays up for everyone else."""
+    proc = proxy_factory()
+    target = proc.target()
+    queue = names.queue()
+    bystander = target.pika()
+    bystander_ch = bystander.channel()
+    bystander_ch.queue_declare(queue)
+
+    for _ in range(5):
+        with RawAMQP(target.host, target.port) as raw:
+            raw.handshake()
+            raw.send(C.Channel.Open(), 1)
+            raw.expect(C.Channel.OpenOk, channel=1)
+            publish, header, body = _publish_frames(queue, b"x" * 5000)
+            raw.send_bytes(publish + header + body[:100])  # then the socket closes
+    time.sleep(0.3)  # intrinsic: give the proxy time to act on the departures
+    (upstream,) = broker.proxy_upstreams(proc)
+    assert upstream["client_properties"]["connection_name"].endswith("upstream 1")
+    assert bystander_ch.is_open
+    _roundtrip(bystander, names.queue("after"))
+    assert broker.queue_message_count(queue) == 0
+    assert not any(r.get("event") == "upstream_lost" for r in proc.log_records())
+    bystander.close()
