@@ -41,6 +41,7 @@ class Link(ChannelGuard):
         "pending_declares",
         "pending_deletes",
         "content",
+        "closing",
     )
 
     def __init__(
@@ -60,10 +61,7 @@ class Link(ChannelGuard):
         # A publish being received from the client (method, header, bodies), remapped, held
         # until complete so that the upstream never sees a partial message.
         self.content = bytearray()
-
-    @property
-    def closing(self) -> bool:
-        return self.c_close_sent or self.c_close_received or self.u_close_sent or self.u_close_received
+        self.closing = False  # any Close sent or received on either side: only closes matter now
 
     def client_side_done(self) -> bool:
         if not (self.c_close_sent or self.c_close_received):
@@ -82,7 +80,8 @@ class Link(ChannelGuard):
     def __repr__(self) -> str:
         return f"Link(c{self.client_channel}->u{self.upstream_channel} {self.state})"
 
-    def reset(self) -> None:
+    def begin_close(self) -> None:
         """The channel is closing: forget sequencing state and any half-received message."""
-        super().reset()
+        self.closing = True
+        self.reset()
         self.content.clear()

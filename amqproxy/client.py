@@ -560,8 +560,8 @@ class ClientSession:
 
     def _on_client_channel_close(self, link: Link) -> None:
         """The client closes an open channel: the broker's Close-Ok will answer it."""
+        link.begin_close()
         link.c_close_received = True
-        link.reset()
         link.u_close_sent = True
 
     def _on_closing_channel_method(self, link: Link, method: tuple[int, int]) -> None:
@@ -601,8 +601,8 @@ class ClientSession:
                 "channel_error", channel=link.client_channel, reply_code=reply_code, reply_text=error.text
             ),
         )
+        link.begin_close()
         link.c_close_sent = True
-        link.reset()
         self.outbox.put(
             method_frame(
                 link.client_channel,

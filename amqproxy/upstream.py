@@ -255,6 +255,7 @@ class Upstream:
 
     def close_channel(self, link: Link, reply_code: int = 200, text: str = "closed by amqproxy") -> None:
         """Close the upstream side of a link exactly once (Close, or Close-Ok if the broker closed first)."""
+        link.begin_close()
         if link.u_close_received and not link.u_close_ok_sent:
             link.u_close_ok_sent = True
             self.send_method(link.upstream_channel, c.CHANNEL_CLOSE_OK)
@@ -275,6 +276,7 @@ class Upstream:
                 )
                 return
             ch = link.upstream_channel
+            link.begin_close()
             link.u_close_sent = True
             self.send(
                 method_frame(ch, encode_method(c.CHANNEL_OPEN))
@@ -379,6 +381,7 @@ class Upstream:
             self._settle(link)
             return forward
         if method == c.CHANNEL_CLOSE:
+            link.begin_close()
             link.u_close_received = True
             if client is None or link.c_close_sent or link.c_close_received or client.closing:
                 # Nobody to tell (client gone, or the proxy is closing the client side already).
@@ -387,7 +390,6 @@ class Upstream:
                 self._settle(link)
                 return False
             link.c_close_sent = True
-            link.reset()
             return True
         if link.closing:
             return False

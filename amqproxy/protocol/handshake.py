@@ -5,6 +5,7 @@ Pure functions over method payloads; the sessions drive the sequence.
 
 from __future__ import annotations
 
+import functools
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -61,7 +62,9 @@ class Credentials:
         return f"Credentials(username={self.username!r}, password=***)"
 
 
+@functools.lru_cache(maxsize=4)
 def start_payload(cluster_name: str = "amqproxy") -> bytes:
+    """Connection.Start, encoded once: it is the same for every client."""
     return encode_method(
         CONNECTION_START,
         version_major=0,

@@ -51,6 +51,7 @@ def test_release_of_a_stale_link_does_not_free_its_successor():
 def test_client_initiated_close_finishes_both_sides_once():
     link = Link(object(), 1, None, 5)
     assert not link.closing
+    link.begin_close()
     link.c_close_received = link.u_close_sent = True  # client Close forwarded upstream
     assert link.closing and not link.upstream_side_done() and not link.client_side_done()
     link.u_close_ok_received = link.c_close_ok_sent = True  # broker Close-Ok forwarded
