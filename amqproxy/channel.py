@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections import deque
 from typing import TYPE_CHECKING
 
+from gevent.event import AsyncResult
+
 from .protocol.rules import ChannelGuard
 
 if TYPE_CHECKING:
@@ -42,10 +44,11 @@ class Link(ChannelGuard):
         "pending_deletes",
         "content",
         "closing",
+        "waiter",
     )
 
     def __init__(
-        self, client: ClientSession | None, client_channel: int, upstream: Upstream, upstream_channel: int
+        self, client: ClientSession | None, client_channel: int, upstream: Upstream | None, upstream_channel: int
     ) -> None:
         super().__init__()
         self.client = client
@@ -62,6 +65,7 @@ class Link(ChannelGuard):
         # until complete so that the upstream never sees a partial message.
         self.content = bytearray()
         self.closing = False  # any Close sent or received on either side: only closes matter now
+        self.waiter: AsyncResult | None = None  # set by the proxy's own round trips (health checks)
 
     def client_side_done(self) -> bool:
         if not (self.c_close_sent or self.c_close_received):

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import gevent
 
-from .channel import Link
+from .channel import OPEN, Link
 from .outbox import Outbox
 from .protocol import constants as c
 from .protocol.codec import DecodeError, decode_method, encode_method, method_name
@@ -39,7 +39,7 @@ from .protocol.handshake import (
     start_payload,
     tune_payload,
 )
-from .protocol.rules import CLIENT_CHANNEL_METHODS, EXPECT_METHOD, QUEUE_ACCESS_METHODS, check_ack_layout
+from .protocol.rules import CLIENT_CHANNEL_METHODS, EXPECT_METHOD, QUEUE_ACCESS_METHODS, check_ack_layout, role_of
 from .upstream import UpstreamError
 
 if TYPE_CHECKING:
@@ -51,6 +51,9 @@ log = logging.getLogger("amqproxy.client")
 _METHOD_ID = struct.Struct(">HH")
 _RECV_SIZE = 256 * 1024
 _ACKS = frozenset({c.BASIC_ACK, c.BASIC_NACK, c.BASIC_REJECT})
+_CHANNEL_OPEN = encode_method(c.CHANNEL_OPEN)
+_CHANNEL_OPEN_OK = encode_method(c.CHANNEL_OPEN_OK)
+_CHANNEL_CLOSE_OK = encode_method(c.CHANNEL_CLOSE_OK)
 _CLOSE_OK_WAIT = 3.0  # how long a client gets to answer our Connection.Close
 # A client whose outbox stays above --client-buffer this long is disconnected; one whose outbox
 # passes this many times the limit is disconnected at once (memory stays bounded either way).
@@ -82,7 +85,8 @@ class ClientSession:
         self.heartbeat = 0
         self.opened_at = time.monotonic()
         self.last_recv = self.opened_at
-        self.last_upstream: Upstream | None = None
+        self.preferred: dict[str, Upstream] = {}  # role -> the upstream this client's channels use
+        self.exclusive_upstream: Upstream | None = None  # holds this client's exclusive queues
         self.blocked_by: set[Upstream] = set()
         self.closing = False
         self.close_reason = ""
@@ -90,6 +94,7 @@ class ClientSession:
         self._reader = FrameReader(c.PRE_TUNE_FRAME_MAX)
         self._batches: dict[Upstream, bytearray] = {}  # this read's frames, per upstream
         self._torn_down = False
+        self._handshake_deadline = 0.0
         self.throttled = False  # waiting for an upstream to drain: our reads are paused on purpose
         self.over_buffer_since: float | None = None  # when the outbox went above --client-buffer
 
@@ -110,7 +115,11 @@ class ClientSession:
     def run(self) -> None:
         try:
             try:
-                with gevent.Timeout(self.config.handshake_timeout, _Refused("handshake timeout")):
+                # The client's own steps have --handshake-timeout (see _handshake_recv); waiting for
+                # an upstream, which the client cannot help, has --connect-timeout. This outer
+                # bound is only a safety net over both.
+                bound = self.config.handshake_timeout + self.config.connect_timeout + _CLOSE_OK_WAIT
+                with gevent.Timeout(bound, _Refused("handshake timeout")):
                     self._handshake()
             except _Refused as exc:
                 self.close_reason = str(exc)
@@ -223,11 +232,17 @@ class ClientSession:
 
     def _release_channels(self) -> None:
         """Close the upstream side of every channel exactly once; the client side ends with us."""
+        # Frames already accepted this read (a pipelined channel.open, say) go out before the closes.
+        for upstream, out in self._batches.items():
+            upstream.send(out)
+        self._batches.clear()
         links = list(self.channels.values())
         self.channels.clear()
         for link in links:
             link.client = None
             upstream = link.upstream
+            if upstream is None:
+                continue
             if upstream.state == "open":
                 upstream.close_channel(link, 200, "client connection closed")
             else:
@@ -244,7 +259,7 @@ class ClientSession:
         while True:
             frame = reader.next_frame()
             if frame is None:
-                data = self.sock.recv(65536)
+                data = self._handshake_recv(65536)
                 if not data:
                     raise _Refused("client closed during the handshake")
                 self.last_recv = time.monotonic()
@@ -269,10 +284,27 @@ class ClientSession:
                 )
             return args
 
+    def _handshake_recv(self, size: int) -> bytes:
+        """recv() within what is left of the client's --handshake-timeout."""
+        remaining = self._handshake_deadline - time.monotonic()
+        if remaining <= 0:
+            raise _Refused("handshake timeout")
+        with gevent.Timeout(remaining, _Refused("handshake timeout")):
+            return self.sock.recv(size)
+
+    def _upstream_wait(self, call: Any, *args: Any) -> None:
+        """Run a pool call; the time it takes does not count against the client's handshake budget."""
+        started = time.monotonic()
+        try:
+            call(*args, started + self.config.connect_timeout)
+        finally:
+            self._handshake_deadline += time.monotonic() - started
+
     def _handshake(self) -> None:
+        self._handshake_deadline = time.monotonic() + self.config.handshake_timeout
         header = b""
         while len(header) < 8:
-            data = self.sock.recv(8 - len(header))
+            data = self._handshake_recv(8 - len(header))
             if not data:
                 raise _Refused("client closed before the protocol header")
             header += data
@@ -292,7 +324,7 @@ class ClientSession:
             self._refuse(exc.reply_code, exc.text, c.CONNECTION_START_OK, "auth")
         self.credentials = credentials
         try:
-            self.pool.authenticate(credentials)
+            self._upstream_wait(self.pool.authenticate, credentials)
         except UpstreamError as exc:
             self._refuse_upstream(exc, c.CONNECTION_START_OK)
         channel_max = negotiate(self.config.channel_max, self.pool.channel_max)
@@ -321,7 +353,7 @@ class ClientSession:
         open_args = self._read_handshake_method(c.CONNECTION_OPEN)
         vhost = open_args["virtual_host"]
         try:
-            self.pool.open_vhost(credentials, vhost)
+            self._upstream_wait(self.pool.open_vhost, credentials, vhost)
         except UpstreamError as exc:
             self._refuse_upstream(exc, c.CONNECTION_OPEN)
         self.vhost = vhost
@@ -395,13 +427,15 @@ class ClientSession:
                         if link is None:
                             if method != c.CHANNEL_OPEN:
                                 raise ProtocolError(c.CHANNEL_ERROR, "expected 'channel.open'", method)
-                            self._flush()
-                            link = self._open_channel(channel)
-                        elif link.closing:
+                            self._open_channel(channel)
+                            continue
+                        if link.closing:
                             self._flush()
                             self._on_closing_channel_method(link, method)
                             continue
-                        elif method == c.BASIC_PUBLISH:
+                        if link.upstream is None and not self._place(link, method):
+                            continue
+                        if method == c.BASIC_PUBLISH:
                             # Hold the message until its last frame: a partly forwarded message
                             # followed by anything else on the channel would be a 505 for the
                             # whole shared connection (e.g. the client leaving mid-message).
@@ -498,19 +532,45 @@ class ClientSession:
             return False
         raise ProtocolError(c.CHANNEL_ERROR, "unexpected method in connection state running", method)
 
-    def _open_channel(self, channel: int) -> Link:
+    def _open_channel(self, channel: int) -> None:
+        """channel.open is answered by the proxy; the upstream channel is opened at the first method,
+        when the channel's role (publishing or consuming) decides where it goes."""
         if channel > self.channel_max:
             raise ProtocolError(c.CHANNEL_ERROR, f"channel id {channel} out of range (channel_max {self.channel_max})")
-        try:
-            link = self.pool.attach(self, channel)
-        except UpstreamError as exc:
-            raise ProtocolError(c.CONNECTION_FORCED, f"upstream unavailable: {exc.text}", c.CHANNEL_OPEN) from exc
+        link = Link(self, channel, None, 0)
+        link.state = OPEN
         self.channels[channel] = link
+        self.outbox.put(method_frame(channel, _CHANNEL_OPEN_OK))
+
+    def _place(self, link: Link, method: tuple[int, int]) -> bool:
+        """First method on a channel: open its upstream channel; returns whether to forward `method`."""
+        if method == c.CHANNEL_CLOSE:
+            # Nothing upstream to close: answer it here.
+            link.begin_close()
+            link.c_close_received = link.c_close_ok_sent = True
+            self.forget(link)
+            self.outbox.put(method_frame(link.client_channel, _CHANNEL_CLOSE_OK))
+            return False
+        if method == c.CHANNEL_CLOSE_OK:
+            return False
+        if method == c.CHANNEL_OPEN:
+            raise ProtocolError(c.CHANNEL_ERROR, "second 'channel.open' seen", method)
+        self._flush()  # placement may have to dial: what was read before goes first
+        try:
+            self.pool.place(self, link, role_of(method))
+        except UpstreamError as exc:
+            raise ProtocolError(
+                exc.reply_code or c.CONNECTION_FORCED, f"upstream unavailable: {exc.text}", method
+            ) from exc
         upstream = link.upstream
-        self.last_upstream = upstream
+        assert upstream is not None
+        out = self._batches.get(upstream)
+        if out is None:
+            out = self._batches[upstream] = bytearray()
+        out += method_frame(link.upstream_channel, _CHANNEL_OPEN)
         if upstream.blocked_reason is not None:
             self.upstream_blocked(upstream, upstream.blocked_reason)
-        return link
+        return True
 
     def _on_control_method(self, link: Link, method: tuple[int, int], payload: memoryview) -> bool:
         """Check and interpret a control-plane method; returns whether to forward the frame."""
@@ -567,6 +627,11 @@ class ClientSession:
     def _on_closing_channel_method(self, link: Link, method: tuple[int, int]) -> None:
         """On a closing channel only Close and Close-Ok matter (spec 1.5.2.5); the rest is dropped."""
         upstream = link.upstream
+        if upstream is None:  # never placed: only the client side exists
+            if method == c.CHANNEL_CLOSE_OK and link.c_close_sent:
+                link.c_close_ok_received = True
+                self.forget(link)
+            return
         if method == c.CHANNEL_CLOSE:
             if link.c_close_received:
                 return  # a duplicate Close: never let it reach the shared connection
@@ -615,8 +680,9 @@ class ClientSession:
                 ),
             )
         )
-        self._flush()  # what the client sent before this method goes first
-        link.upstream.close_channel(link, 200, "closed by amqproxy")
+        if link.upstream is not None:
+            self._flush()  # what the client sent before this method goes first
+            link.upstream.close_channel(link, 200, "closed by amqproxy")
 
     # ------------------------------------------------------------------ called by upstream readers
 

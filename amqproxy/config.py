@@ -51,6 +51,25 @@ class Config:
     client_buffer: int = 64 * 1024 * 1024
     upstream_buffer: int = 4 * 1024 * 1024
     backlog: int = 1024
+    node_strategy: str = "round-robin"
+    channel_placement: str = "fill"
+    separate_publishers: bool = True
+    max_upstreams_per_credential: int = 0
+    max_upstreams: int = 0
+    min_idle_upstreams: int = 0
+    upstream_max_age: float = 0.0
+    upstream_check_interval: float = 30.0
+    backoff_initial: float = 0.1
+    backoff_max: float = 5.0
+    backoff_multiplier: float = 2.0
+    breaker_failures: int = 5
+    breaker_failure_ratio: float = 0.5
+    breaker_window: float = 30.0
+    breaker_min_requests: int = 10
+    breaker_open_time: float = 5.0
+    breaker_open_max: float = 60.0
+    breaker_max_open_percent: float = 50.0
+    breaker_all_open: str = "fail-fast"
 
 
 # ---------------------------------------------------------------------------- value parsers
@@ -124,6 +143,43 @@ def _heartbeat(value: str) -> int:
     if not 0 <= number <= 65535:
         raise ValueError("must be between 0 (off) and 65535 seconds")
     return number
+
+
+def _non_negative_float(value: str) -> float:
+    number = float(value)
+    if number < 0:
+        raise ValueError("must be zero (off) or a positive number")
+    return number
+
+
+def _ratio(value: str) -> float:
+    number = float(value)
+    if not 0 < number <= 1:
+        raise ValueError("must be a ratio in (0, 1]")
+    return number
+
+
+def _percent(value: str) -> float:
+    number = float(value)
+    if not 0 <= number <= 100:
+        raise ValueError("must be a percentage between 0 and 100")
+    return number
+
+
+def _multiplier(value: str) -> float:
+    number = float(value)
+    if number < 1:
+        raise ValueError("must be at least 1")
+    return number
+
+
+def _bool(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("must be true or false")
 
 
 def _choice(*choices: str) -> Callable[[str], str]:
@@ -222,6 +278,97 @@ OPTIONS: tuple[Option, ...] = (
         "BYTES",
     ),
     Option("backlog", _positive_int, "1024", "listen backlog of the client socket", "N"),
+    Option(
+        "node_strategy",
+        _choice("round-robin", "least-connections", "random"),
+        "round-robin",
+        "how new upstream connections are spread over healthy nodes",
+        "STRATEGY",
+    ),
+    Option(
+        "channel_placement",
+        _choice("fill", "spread"),
+        "fill",
+        "which pooled connection a new channel goes to: fill one first, or spread by fewest channels",
+        "MODE",
+    ),
+    Option(
+        "separate_publishers",
+        _bool,
+        "true",
+        "keep publishing and consuming channels on separate upstream connections (RabbitMQ flow control is per connection)",
+        "BOOL",
+    ),
+    Option(
+        "max_upstreams_per_credential",
+        _non_negative_int,
+        "0",
+        "most upstream connections per (user, vhost) credential set; 0 = no limit",
+        "N",
+    ),
+    Option("max_upstreams", _non_negative_int, "0", "most upstream connections in total; 0 = no limit", "N"),
+    Option(
+        "min_idle_upstreams",
+        _non_negative_int,
+        "0",
+        "idle upstream connections kept open (and re-dialled) per credential set once it has been used",
+        "N",
+    ),
+    Option(
+        "upstream_max_age",
+        _non_negative_float,
+        "0",
+        "after this many seconds an upstream connection takes no new channels and closes once empty; 0 = off",
+        "SECONDS",
+    ),
+    Option(
+        "upstream_check_interval",
+        _non_negative_float,
+        "30",
+        "a pooled connection silent for longer than this is verified with a round trip before reuse; 0 = always",
+        "SECONDS",
+    ),
+    Option("backoff_initial", _positive_float, "0.1", "first reconnect delay (seconds, with jitter)", "SECONDS"),
+    Option("backoff_max", _positive_float, "5", "longest reconnect delay (seconds)", "SECONDS"),
+    Option("backoff_multiplier", _multiplier, "2", "growth of the reconnect delay per failed attempt", "FACTOR"),
+    Option("breaker_failures", _positive_int, "5", "consecutive connection failures that open a node's breaker", "N"),
+    Option(
+        "breaker_failure_ratio",
+        _ratio,
+        "0.5",
+        "share of failed attempts within --breaker-window that opens a node's breaker",
+        "RATIO",
+    ),
+    Option("breaker_window", _positive_float, "30", "window for --breaker-failure-ratio (seconds)", "SECONDS"),
+    Option(
+        "breaker_min_requests",
+        _positive_int,
+        "10",
+        "attempts within the window before --breaker-failure-ratio applies",
+        "N",
+    ),
+    Option(
+        "breaker_open_time",
+        _positive_float,
+        "5",
+        "first open period of a breaker (seconds); doubles on repeated trips, with jitter",
+        "SECONDS",
+    ),
+    Option("breaker_open_max", _positive_float, "60", "longest open period of a breaker (seconds)", "SECONDS"),
+    Option(
+        "breaker_max_open_percent",
+        _percent,
+        "50",
+        "most nodes whose breakers may be open at once (percent; at least one), so breakers never take every node out",
+        "PERCENT",
+    ),
+    Option(
+        "breaker_all_open",
+        _choice("fail-fast", "queue"),
+        "fail-fast",
+        "when every node's breaker is open: refuse new clients at once, or queue them up to --connect-timeout",
+        "MODE",
+    ),
 )
 
 

@@ -27,6 +27,8 @@ class ExclusiveQueues:
     def add(self, vhost: str, queue: str, client: ClientSession, upstream: Upstream) -> None:
         key = (vhost, queue)
         self._owners[key] = (client, upstream)
+        # The broker ties the queue to that connection: the client's later channels must go there.
+        client.exclusive_upstream = upstream
         self._by_client.setdefault(client, set()).add(key)
 
     def remove(self, vhost: str, queue: str) -> None:

@@ -26,6 +26,18 @@ CLIENTS_REFUSED = Counter(
 )
 UPSTREAMS_OPEN = Gauge("amqproxy_upstream_connections", "Upstream connections open now", ["node"])
 UPSTREAM_CHANNELS = Gauge("amqproxy_upstream_channels", "Channels open on upstream connections now", ["node"])
+UPSTREAM_CONNECT_ATTEMPTS = Counter(
+    "amqproxy_upstream_connect_attempts_total",
+    "Upstream connection attempts by outcome (success, transient, permanent)",
+    ["node", "outcome"],
+)
+BREAKER_STATE = Gauge(
+    "amqproxy_breaker_state", "Circuit breaker state per node: 0 closed, 1 half-open, 2 open", ["node"]
+)
+BREAKER_TRANSITIONS = Counter(
+    "amqproxy_breaker_transitions_total", "Circuit breaker state changes", ["node", "from", "to"]
+)
+_BREAKER_VALUES = {"closed": 0, "half-open": 1, "open": 2}
 
 
 class Metrics:
@@ -50,6 +62,13 @@ class Metrics:
     def protocol_header_rejected(self) -> None:
         CLIENTS_REFUSED.labels("protocol_header").inc()
 
+    def upstream_connect(self, node: str, outcome: str, seconds: float) -> None:
+        UPSTREAM_CONNECT_ATTEMPTS.labels(node, outcome).inc()
+
+    def breaker_change(self, node: str, old: str, new: str) -> None:
+        BREAKER_TRANSITIONS.labels(node, old, new).inc()
+        BREAKER_STATE.labels(node).set(_BREAKER_VALUES[new])
+
     def refresh(self) -> None:
         """Recompute the live-state gauges just before a scrape."""
         per_node: dict[str, int] = {}
@@ -58,6 +77,8 @@ class Metrics:
             label = upstream.node.label
             per_node[label] = per_node.get(label, 0) + 1
             channels[label] = channels.get(label, 0) + len(upstream.links)
-        for node in self.proxy.config.upstream:
-            UPSTREAMS_OPEN.labels(node.label).set(per_node.get(node.label, 0))
-            UPSTREAM_CHANNELS.labels(node.label).set(channels.get(node.label, 0))
+        for state in self.proxy.pool.nodes.states:
+            label = state.node.label
+            UPSTREAMS_OPEN.labels(label).set(per_node.get(label, 0))
+            UPSTREAM_CHANNELS.labels(label).set(channels.get(label, 0))
+            BREAKER_STATE.labels(label).set(_BREAKER_VALUES[state.breaker.state])

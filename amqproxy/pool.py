@@ -1,11 +1,18 @@
-"""Pool: upstream connections keyed by credential set (user, password, vhost).
+"""Pool: upstream connections keyed by credential set (user, password, vhost), over several nodes.
 
-Channels of different clients share upstream connections; upstream *channels* are never
-shared or reused across clients (their state -- confirms, qos, consumers, tx -- makes reuse
-unsafe). A credential set's connections are filled in order; a client's further channels go to
-the connection its earlier ones are on when there is room, so its exclusive queues stay
-reachable. New connections are dialled only under a per-key lock, so a burst of clients does
-not open a burst of connections.
+Channels of different clients share upstream connections; upstream *channels* are never shared
+or reused across clients (their state -- confirms, qos, consumers, tx -- makes reuse unsafe).
+
+Placement: a channel's role (publishing or consuming) is known at its first method; with
+--separate-publishers, publishing and consuming channels go to different connections, because
+RabbitMQ applies flow control per connection. Among the connections that fit, --channel-placement
+fills one first or spreads by fewest channels; a client's channels of one role stay on the
+connection its earlier ones use while it has room.
+
+Dialling: new connections go to nodes ordered by --node-strategy, skipping nodes whose circuit
+breaker is open; transient failures are retried with exponential backoff and jitter until the
+caller's deadline; permanent ones (403, unknown vhost) fail at once. Dialling is serialised per
+key, so a burst of clients does not open a burst of connections.
 """
 
 from __future__ import annotations
@@ -14,49 +21,73 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
+import gevent
 from gevent.lock import BoundedSemaphore
 
 from .exclusive import ExclusiveQueues
+from .nodes import BackoffPolicy, BreakerPolicy, NodeSet
 from .protocol.handshake import Credentials
 from .upstream import Upstream, UpstreamError
 
 if TYPE_CHECKING:
     from .channel import Link
     from .client import ClientSession
-    from .config import Config
+    from .config import Config, Node
+    from .metrics import Metrics
 
 log = logging.getLogger("amqproxy.pool")
 
 # How long a logged-in upstream waits for its client's Connection.Open; RabbitMQ's own
 # handshake_timeout is 10 s, so a held connection older than this is no longer worth opening.
 HELD_TTL = 5.0
+# The round trip that verifies a connection silent for longer than --upstream-check-interval.
+VERIFY_TIMEOUT = 3.0
 
 PoolKey = tuple[str, str, str]
 
+ROLE_PUBLISH = "publish"
+ROLE_CONSUME = "consume"
+ROLE_ANY = "any"
+
 
 class Pool:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, metrics: Metrics | None = None) -> None:
         self.config = config
+        self.metrics = metrics
         self.pid = os.getpid()
-        self.nodes = config.upstream
-        self._next_node = 0
+        self.nodes = NodeSet(
+            config.upstream,
+            config.node_strategy,
+            BreakerPolicy(
+                failures=config.breaker_failures,
+                failure_ratio=config.breaker_failure_ratio,
+                window=config.breaker_window,
+                min_requests=config.breaker_min_requests,
+                open_time=config.breaker_open_time,
+                open_time_max=config.breaker_open_max,
+            ),
+            config.breaker_max_open_percent,
+            on_breaker_change=self._breaker_changed,
+        )
+        self.backoff = BackoffPolicy(config.backoff_initial, config.backoff_max, config.backoff_multiplier)
         self._ids = itertools.count(1)
         self.upstreams: dict[PoolKey, list[Upstream]] = {}
         self._held: dict[tuple[str, str], list[Upstream]] = {}
         self._locks: dict[object, tuple[BoundedSemaphore, list[int]]] = {}
+        self._credentials: dict[PoolKey, Credentials] = {}  # keys seen, for background dialling
+        self._replenishing: set[PoolKey] = set()
         self.exclusive = ExclusiveQueues()
         self.closing: set[Upstream] = set()  # sent Connection.Close, awaiting Close-Ok
+        self.stopping = False
         # The broker's limits, learnt from the latest Tune; the configured ones until then.
         self.channel_max = config.channel_max
         self.frame_max = config.frame_max
 
     # ------------------------------------------------------------------ client handshake
 
-    def authenticate(self, credentials: Credentials) -> None:
+    def authenticate(self, credentials: Credentials, deadline: float) -> None:
         """Prove the credentials against the broker (before the client's Tune), or raise UpstreamError.
 
         A live pooled connection with the same user *and password* proves them; otherwise a new
@@ -67,7 +98,7 @@ class Pool:
         with self._lock((credentials.username, credentials.password)):
             if self._proven(credentials):
                 return
-            upstream = self._dial(credentials, vhost=None)
+            upstream = self._dial(credentials, None, deadline)
             self._held.setdefault((credentials.username, credentials.password), []).append(upstream)
 
     def _proven(self, credentials: Credentials) -> bool:
@@ -79,9 +110,10 @@ class Pool:
             for key, ups in self.upstreams.items()
         )
 
-    def open_vhost(self, credentials: Credentials, vhost: str) -> None:
+    def open_vhost(self, credentials: Credentials, vhost: str, deadline: float) -> None:
         """Make sure an open upstream exists for (user, password, vhost): proves vhost access."""
         key = (credentials.username, credentials.password, vhost)
+        self._credentials[key] = credentials
         if self._usable(key):
             return
         with self._lock(key):
@@ -89,7 +121,7 @@ class Pool:
                 return
             upstream = self._take_held(credentials, vhost)
             if upstream is None:
-                upstream = self._dial(credentials, vhost)
+                upstream = self._dial(credentials, vhost, deadline)
             self.upstreams.setdefault(key, []).append(upstream)
 
     def _usable(self, key: PoolKey) -> bool:
@@ -113,88 +145,166 @@ class Pool:
 
     # ------------------------------------------------------------------ channels
 
-    def attach(self, client: ClientSession, client_channel: int) -> Link:
-        """Map a client channel onto a fresh channel of an upstream connection for its key."""
+    def place(self, client: ClientSession, link: Link, role: str) -> None:
+        """Give a client channel a fresh channel on an upstream connection suited to its role."""
+        if not self.config.separate_publishers:
+            role = ROLE_ANY
         key = client.pool_key
-        preferred = client.last_upstream
-        if preferred is not None and preferred.has_room:
-            link = preferred.attach(client, client_channel)
-            if link is not None:
-                return link
-        link = self._attach_existing(key, client, client_channel)
-        if link is not None:
-            return link
-        with self._lock(key):
-            link = self._attach_existing(key, client, client_channel)
-            if link is not None:
-                return link
-            assert client.credentials is not None
-            upstream = self._dial(client.credentials, key[2])
-            self.upstreams.setdefault(key, []).append(upstream)
-            link = upstream.attach(client, client_channel)
-            assert link is not None
-            return link
+        deadline = time.monotonic() + self.config.connect_timeout
+        while True:
+            upstream = self._choose(key, client, role)
+            if upstream is None:
+                with self._lock(key):
+                    upstream = self._choose(key, client, role)
+                    if upstream is None:
+                        log.debug(
+                            "no pooled connection fits; dialling",
+                            extra={
+                                "event": "pool_dial",
+                                "vhost": key[2],
+                                "role": role,
+                                "connections": [
+                                    {"id": u.id, "state": u.state, "role": u.role, "channels": len(u.links)}
+                                    for u in self.upstreams.get(key, ())
+                                ],
+                            },
+                        )
+                        self._check_capacity(key)
+                        assert client.credentials is not None
+                        upstream = self._dial(client.credentials, key[2], deadline)
+                        self.upstreams.setdefault(key, []).append(upstream)
+            if self._verified(upstream) and upstream.attach(link, role):
+                client.preferred[role] = upstream
+                return
+            if time.monotonic() > deadline:
+                raise UpstreamError(f"no healthy upstream connection for vhost '{key[2]}' within the connect timeout")
 
-    def _attach_existing(self, key: PoolKey, client: ClientSession, client_channel: int) -> Link | None:
-        for upstream in self.upstreams.get(key, ()):
-            if upstream.has_room:
-                link = upstream.attach(client, client_channel)
-                if link is not None:
-                    return link
-        return None
+    def _choose(self, key: PoolKey, client: ClientSession, role: str) -> Upstream | None:
+        now = time.monotonic()
+        pinned = client.exclusive_upstream
+        if pinned is not None and pinned.has_room:
+            # Exclusive queues live on the connection that declared them; correctness beats roles.
+            return pinned
+        preferred = client.preferred.get(role)
+        if preferred is not None and preferred.accepts(role, now):
+            return preferred
+        fitting = [u for u in self.upstreams.get(key, ()) if u.accepts(role, now)]
+        if not fitting:
+            return None
+        if self.config.channel_placement == "spread":
+            return min(fitting, key=lambda u: len(u.links))
+        # fill: the busiest connection that still has room, so the others can go idle
+        return max(fitting, key=lambda u: len(u.links))
+
+    def _verified(self, upstream: Upstream) -> bool:
+        """A connection silent for longer than the check interval must answer a round trip first."""
+        interval = self.config.upstream_check_interval
+        if time.monotonic() - upstream.last_recv <= interval:
+            return True
+        if upstream.verify(VERIFY_TIMEOUT):
+            return True
+        upstream.fail(f"health check failed: no answer from {upstream.node.label} within {VERIFY_TIMEOUT:g} s")
+        return False
+
+    def _check_capacity(self, key: PoolKey) -> None:
+        cfg = self.config
+        if cfg.max_upstreams_per_credential and len(self.upstreams.get(key, ())) >= cfg.max_upstreams_per_credential:
+            raise UpstreamError(
+                f"RESOURCE_ERROR - upstream connection limit reached for user '{key[0]}' on vhost '{key[2]}' "
+                f"(--max-upstreams-per-credential {cfg.max_upstreams_per_credential})",
+                reply_code=506,
+                permanent=True,
+            )
+        if cfg.max_upstreams and self.total_upstreams() >= cfg.max_upstreams:
+            raise UpstreamError(
+                f"RESOURCE_ERROR - upstream connection limit reached (--max-upstreams {cfg.max_upstreams})",
+                reply_code=506,
+                permanent=True,
+            )
 
     # ------------------------------------------------------------------ dialling
 
-    def _dial(self, credentials: Credentials, vhost: str | None) -> Upstream:
-        """Connect to the next node that answers; a refusal by the broker is final, not retried."""
+    def _dial(self, credentials: Credentials, vhost: str | None, deadline: float | None) -> Upstream:
+        """Connect to the first node that answers, retrying with backoff until `deadline`.
+
+        A broker refusal (403, unknown vhost) is final. With every breaker open, fail at once
+        (--breaker-all-open fail-fast) or keep trying until the deadline (queue).
+        """
+        delays = self.backoff.delays()
         last_error: UpstreamError | None = None
-        for _ in range(len(self.nodes)):
-            node = self.nodes[self._next_node % len(self.nodes)]
-            self._next_node += 1
-            upstream = Upstream(self, node, credentials, next(self._ids))
-            try:
-                upstream.login(self.config.connect_timeout)
-                self.channel_max = upstream.broker_channel_max
-                self.frame_max = upstream.frame_max
-                if vhost is not None:
-                    upstream.open(vhost, self.config.connect_timeout)
-                return upstream
-            except UpstreamError as exc:
-                log.warning(
-                    "upstream connection failed",
-                    extra={
-                        "event": "upstream_connect_failed",
-                        "node": node.label,
-                        "user": credentials.username,
-                        "vhost": vhost,
-                        "reason": exc.text,
-                        "category": "permanent" if exc.permanent else "transient",
-                    },
+        while True:
+            candidates = self.nodes.candidates()
+            if not candidates and self.config.breaker_all_open == "fail-fast" and self.nodes.all_open():
+                raise UpstreamError(
+                    "every upstream node's circuit breaker is open"
+                    + (f" (last error: {last_error.text})" if last_error else self._last_node_error())
                 )
-                if exc.permanent:
-                    raise
-                last_error = exc
-        assert last_error is not None
-        raise last_error
+            for node_state in candidates:
+                if self.stopping:
+                    raise UpstreamError("proxy shutting down")
+                try:
+                    return self._connect(node_state.node, credentials, vhost)
+                except UpstreamError as exc:
+                    if exc.permanent:
+                        raise
+                    last_error = exc
+            delay = next(delays)
+            if deadline is not None and time.monotonic() + delay > deadline:
+                if last_error is None:
+                    raise UpstreamError("no upstream node available" + self._last_node_error())
+                raise last_error
+            gevent.sleep(delay)
 
-    @contextmanager
-    def _lock(self, key: object) -> Iterator[None]:
-        """Serialise dialling per key; the entry lives only while someone holds or awaits it, so
-        keys never pile up (not even for a client trying password after password)."""
-        entry = self._locks.get(key)
-        if entry is None:
-            entry = self._locks[key] = (BoundedSemaphore(), [0])
-        lock, users = entry
-        users[0] += 1
+    def _last_node_error(self) -> str:
+        errors = [f"{s.node.label}: {s.last_error}" for s in self.nodes.states if s.last_error]
+        return f" ({'; '.join(errors)})" if errors else ""
+
+    def _connect(self, node: Node, credentials: Credentials, vhost: str | None) -> Upstream:
+        node_state = self.nodes.state_of(node)
+        upstream = Upstream(self, node, credentials, next(self._ids))
+        started = time.monotonic()
         try:
-            with lock:
-                yield
-        finally:
-            users[0] -= 1
-            if not users[0]:
-                del self._locks[key]
+            upstream.login(self.config.connect_timeout)
+            self.channel_max = upstream.broker_channel_max
+            self.frame_max = upstream.frame_max
+            if vhost is not None:
+                upstream.open(vhost, self.config.connect_timeout)
+        except UpstreamError as exc:
+            category = "permanent" if exc.permanent else "transient"
+            log.warning(
+                "upstream connection failed",
+                extra={
+                    "event": "upstream_connect_failed",
+                    "node": node.label,
+                    "user": credentials.username,
+                    "vhost": vhost,
+                    "reason": exc.text,
+                    "category": category,
+                },
+            )
+            if self.metrics is not None:
+                self.metrics.upstream_connect(node.label, category, time.monotonic() - started)
+            if exc.permanent:
+                # The node answered: it is up, whatever it thinks of these credentials.
+                self.nodes.record_success(node_state)
+            else:
+                self.nodes.record_failure(node_state, exc.text)
+            raise
+        self.nodes.record_success(node_state)
+        node_state.connections += 1
+        upstream.counted = True
+        if self.metrics is not None:
+            self.metrics.upstream_connect(node.label, "success", time.monotonic() - started)
+        return upstream
 
-    # ------------------------------------------------------------------ bookkeeping
+    def _lock(self, key: object) -> _KeyedLock:
+        return _KeyedLock(self._locks, key)
+
+    def _breaker_changed(self, node: Node, old: str, new: str) -> None:
+        if self.metrics is not None:
+            self.metrics.breaker_change(node.label, old, new)
+
+    # ------------------------------------------------------------------ upstream lifecycle events
 
     def forget(self, upstream: Upstream) -> None:
         for key, ups in list(self.upstreams.items()):
@@ -203,15 +313,73 @@ class Pool:
                 if not ups:
                     del self.upstreams[key]
 
+    def upstream_gone(self, upstream: Upstream, unexpected: bool, wanted: bool) -> None:
+        """Bookkeeping once an upstream is closed; an unexpected loss counts against its node and,
+        when its credential set is still wanted, capacity is re-established in the background."""
+        self.forget(upstream)
+        if upstream.counted:
+            upstream.counted = False
+            self.nodes.state_of(upstream.node).connections -= 1
+        if unexpected and upstream.vhost is not None:
+            self.nodes.record_failure(self.nodes.state_of(upstream.node), upstream.close_cause)
+            key = upstream.key
+            if key in self._credentials and (wanted or self.config.min_idle_upstreams):
+                self._replenish(key)
+
+    def _replenish(self, key: PoolKey) -> None:
+        if key in self._replenishing or self.stopping:
+            return
+        self._replenishing.add(key)
+        gevent.spawn(self._replenish_loop, key)
+
+    def _replenish_loop(self, key: PoolKey) -> None:
+        """Dial one replacement with backoff, for as long as the credential set has a use for it."""
+        try:
+            credentials = self._credentials[key]
+            while not self.stopping and not self._usable(key):
+                try:
+                    with self._lock(key):
+                        if self._usable(key):
+                            return
+                        upstream = self._dial(credentials, key[2], time.monotonic() + self.config.idle_timeout)
+                        self.upstreams.setdefault(key, []).append(upstream)
+                    log.info(
+                        "upstream capacity re-established",
+                        extra={"event": "upstream_replenished", "node": upstream.node.label, "vhost": key[2]},
+                    )
+                    return
+                except UpstreamError as exc:
+                    if exc.permanent:
+                        return
+                    # _dial already backed off until its deadline; give up if nobody needs the key
+                    if not self.config.min_idle_upstreams:
+                        return
+        finally:
+            self._replenishing.discard(key)
+
+    # ------------------------------------------------------------------ janitor duties
+
     def all_upstreams(self) -> list[Upstream]:
         return [u for ups in self.upstreams.values() for u in ups]
 
+    def total_upstreams(self) -> int:
+        return sum(len(ups) for ups in self.upstreams.values())
+
     def reap(self, now: float) -> None:
-        """Janitor duty: close connections idle past --idle-timeout, drop stale held logins."""
-        idle_timeout = self.config.idle_timeout
-        for upstream in self.all_upstreams():
-            if upstream.state == "open" and not upstream.links and now - upstream.idle_since > idle_timeout:
-                upstream.close("idle timeout")
+        """Close connections idle past --idle-timeout (above --min-idle-upstreams) or past
+        --upstream-max-age once empty; drop stale held logins; keep --min-idle-upstreams warm."""
+        cfg = self.config
+        for key, ups in list(self.upstreams.items()):
+            idle = [u for u in ups if u.state == "open" and not u.links]
+            keep = cfg.min_idle_upstreams
+            for upstream in idle:
+                if cfg.upstream_max_age and now - upstream.created > cfg.upstream_max_age:
+                    upstream.close("maximum age reached")
+                elif now - upstream.idle_since > cfg.idle_timeout and len(idle) > keep:
+                    idle.remove(upstream)
+                    upstream.close("idle timeout")
+            if keep and len([u for u in self.upstreams.get(key, ()) if not u.links]) < keep:
+                self._replenish(key)
         for key, held in list(self._held.items()):
             for upstream in list(held):
                 if now - upstream.created > HELD_TTL:
@@ -225,6 +393,35 @@ class Pool:
             upstream.tick(now)
 
     def close_all(self, reason: str) -> None:
+        self.stopping = True
         for upstream in self.all_upstreams():
             upstream.links.clear()
             upstream.close(reason, grace=2.0)
+
+    def ready(self) -> bool:
+        return not self.stopping and self.nodes.usable()
+
+
+class _KeyedLock:
+    """Serialise dialling per key; the entry lives only while someone holds or awaits it, so keys
+    never pile up (not even for a client trying password after password)."""
+
+    __slots__ = ("_locks", "_key")
+
+    def __init__(self, locks: dict[object, tuple[BoundedSemaphore, list[int]]], key: object) -> None:
+        self._locks = locks
+        self._key = key
+
+    def __enter__(self) -> None:
+        entry = self._locks.get(self._key)
+        if entry is None:
+            entry = self._locks[self._key] = (BoundedSemaphore(), [0])
+        entry[1][0] += 1
+        entry[0].acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        lock, users = self._locks[self._key]
+        lock.release()
+        users[0] -= 1
+        if not users[0]:
+            del self._locks[self._key]

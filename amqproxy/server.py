@@ -34,8 +34,8 @@ SHUTDOWN_GRACE = 3.0
 class Proxy:
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.pool = Pool(config)
         self.metrics = Metrics(self)
+        self.pool = Pool(config, self.metrics)
         self.sessions: set[ClientSession] = set()
         self.stopping = False
         self._stopped = Event()

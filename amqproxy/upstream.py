@@ -16,6 +16,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import gevent
+from gevent.event import AsyncResult
 
 from .channel import OPEN, Link
 from .outbox import Outbox
@@ -93,11 +94,17 @@ class Upstream:
         self.last_recv = self.created
         self.blocked_reason: str | None = None
         self.close_cause = ""
+        self.role: str | None = None  # role of its client channels (publish/consume); None when empty
+        self.counted = False  # counted in its node's connection count
         self._reader: gevent.Greenlet | None = None
         self._handshake = FrameReader(c.PRE_TUNE_FRAME_MAX)
 
     def __repr__(self) -> str:
         return f"Upstream(u{self.id} {self.node.label} {self.state})"
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.credentials.username, self.credentials.password, self.vhost or "")
 
     @property
     def name(self) -> str:
@@ -210,7 +217,9 @@ class Upstream:
             raise UpstreamError(f"unexpected {method} from {self.node.label} during the handshake")
 
     def abort(self) -> None:
+        """Drop a connection that never reached the pool (failed or stale handshake)."""
         self.state = "closed"
+        self.pool.upstream_gone(self, unexpected=False, wanted=False)
         if self.sock is not None:
             try:
                 self.sock.close()
@@ -223,28 +232,56 @@ class Upstream:
     def has_room(self) -> bool:
         return self.state == "open" and len(self.links) < self.channel_max
 
-    def attach(self, client: ClientSession | None, client_channel: int) -> Link | None:
-        """Reserve a fresh upstream channel id (never one still in use or awaiting Close-Ok)."""
+    def accepts(self, role: str, now: float) -> bool:
+        """Can a new client channel of `role` go here? Not when full, past --upstream-max-age,
+        or carrying channels of the other role."""
         if not self.has_room:
-            return None
+            return False
+        max_age = self.pool.config.upstream_max_age
+        if max_age and now - self.created > max_age:
+            return False
+        return self.role is None or self.role == role
+
+    def attach(self, link: Link, role: str | None = None) -> bool:
+        """Give `link` a fresh upstream channel id (never one in use or awaiting Close-Ok)."""
+        if not self.has_room:
+            return False
         channel_max = self.channel_max
         candidate = self._next_channel
         for _ in range(channel_max):
             if candidate > channel_max:
                 candidate = 1
             if candidate not in self.links:
-                link = Link(client, client_channel, self, candidate)
+                link.upstream = self
+                link.upstream_channel = candidate
                 self.links[candidate] = link
                 self._next_channel = candidate + 1
-                return link
+                if role is not None and link.client is not None:
+                    self.role = role
+                return True
             candidate += 1
-        return None
+        return False
 
     def release(self, link: Link) -> None:
         if self.links.get(link.upstream_channel) is link:
             del self.links[link.upstream_channel]
             if not self.links:
                 self.idle_since = time.monotonic()
+                self.role = None
+
+    def verify(self, timeout: float) -> bool:
+        """A cheap round trip (channel.open / open-ok on a service channel) proving the connection works."""
+        link = Link(None, 0, None, 0)
+        if not self.attach(link):
+            return True  # full: it is evidently in use
+        link.waiter = AsyncResult()
+        self.send_method(link.upstream_channel, c.CHANNEL_OPEN)
+        try:
+            link.waiter.get(timeout=timeout)
+        except gevent.Timeout:
+            return False
+        self.close_channel(link, 200, "health check")
+        return True
 
     def send(self, data: bytes | bytearray) -> None:
         if self.outbox is not None:
@@ -268,8 +305,8 @@ class Upstream:
     def delete_queues(self, names: list[str]) -> None:
         """Delete exclusive queues left by a departed client, each on a fresh channel of its own."""
         for name in names:
-            link = self.attach(None, 0)
-            if link is None:
+            link = Link(None, 0, None, 0)
+            if not self.attach(link):
                 log.warning(
                     "no free channel to delete an exclusive queue",
                     extra={"event": "exclusive_cleanup_skipped", "upstream_id": self.id},
@@ -394,7 +431,12 @@ class Upstream:
         if link.closing:
             return False
         if method == c.CHANNEL_OPEN_OK:
+            # The proxy answered the client's channel.open itself (placement is deferred to the
+            # channel's first method), so this reply is the proxy's own.
             link.state = OPEN
+            if link.waiter is not None:
+                link.waiter.set(True)
+            return False
         elif method == c.QUEUE_DECLARE_OK:
             if link.pending_declares and link.pending_declares.popleft() and client is not None:
                 _, args = decode_method(payload)
@@ -458,12 +500,12 @@ class Upstream:
         """The connection is gone: every client with a channel on it is closed with 320 and the cause."""
         if self.state == "closed":
             return
-        was_open = self.state in ("open", "closing")
+        was_open = self.state == "open"
         self.state = "closed"
         self.close_cause = cause
-        self.pool.forget(self)
         clients = self.clients()
         self.links.clear()
+        self.pool.upstream_gone(self, unexpected=was_open, wanted=bool(clients))
         if was_open:
             log.warning(
                 "upstream connection lost",
@@ -484,6 +526,7 @@ class Upstream:
     def _finish(self) -> None:
         self.state = "closed"
         self.pool.closing.discard(self)
+        self.pool.upstream_gone(self, unexpected=False, wanted=False)
         if self.outbox is not None:
             self.outbox.kill()
         if self.sock is not None:

@@ -14,7 +14,8 @@ class ProtocolError(Exception):
     def __init__(self, reply_code: int, detail: str, method: tuple[int, int] = (0, 0)) -> None:
         name = REPLY_NAMES.get(reply_code, "ERROR")
         self.reply_code = reply_code
-        self.text = f"{name} - {detail}"[:255]
+        prefix = f"{name} - "
+        self.text = (detail if detail.startswith(prefix) else prefix + detail)[:255]
         self.method = method
         super().__init__(self.text)
 

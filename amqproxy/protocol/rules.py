@@ -41,6 +41,25 @@ QUEUE_ACCESS_METHODS = frozenset(
     {c.QUEUE_DECLARE, c.QUEUE_BIND, c.QUEUE_UNBIND, c.QUEUE_PURGE, c.QUEUE_DELETE, c.BASIC_CONSUME, c.BASIC_GET}
 )
 
+# The first method on a channel reveals its role; publishing channels and consuming channels are
+# placed on separate upstream connections (RabbitMQ's flow control is per connection).
+PUBLISHER_METHODS = frozenset(
+    {
+        c.BASIC_PUBLISH,
+        c.CONFIRM_SELECT,
+        c.TX_SELECT,
+        c.EXCHANGE_DECLARE,
+        c.EXCHANGE_DELETE,
+        c.EXCHANGE_BIND,
+        c.EXCHANGE_UNBIND,
+    }
+)
+
+
+def role_of(method: tuple[int, int]) -> str:
+    return "publish" if method in PUBLISHER_METHODS else "consume"
+
+
 EXPECT_METHOD = 0
 EXPECT_HEADER = 1
 EXPECT_BODY = 2

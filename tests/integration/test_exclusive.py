@@ -172,8 +172,9 @@ def test_exclusive_consumer(target, names):
 @pytest.mark.proxy_only
 def test_exclusive_isolation_on_shared_upstream(proxy_factory, broker, names):
     """A and B provably share one upstream connection, yet B is locked out
-    of A's exclusive queue, and the queue dies with A (not with the upstream)."""
-    proc = proxy_factory()
+    of A's exclusive queue, and the queue dies with A (not with the upstream).
+    (Publisher/consumer separation is off so that every channel shares the one connection.)"""
+    proc = proxy_factory("--separate-publishers", "false")
     target = proc.target()
     a = target.pika()
     b = target.pika()

@@ -39,6 +39,9 @@ def test_lost_upstream_closes_only_its_clients_with_320(proxy_factory, broker, t
     bystander = target.pika(virtual_host=temp_vhost)
     victim_ch = victim.channel()
     bystander_ch = bystander.channel()
+    # Upstream channels open at a channel's first method: give both channels one.
+    victim_ch.queue_declare(names.queue())
+    bystander_ch.queue_declare(names.queue(vhost=temp_vhost))
     assert {u["vhost"] for u in broker.proxy_upstreams(proc)} == {"/", temp_vhost}
     # close_connection wants the pid as the plain-text listing prints it: <rabbit@host.N.N.N>
     rows = [
@@ -164,16 +167,23 @@ def test_client_leaving_mid_message_does_not_break_the_shared_upstream(proxy_fac
     bystander_ch = bystander.channel()
     bystander_ch.queue_declare(queue)
 
-    for _ in range(5):
+    def publish(frames: list[bytes]) -> None:
         with RawAMQP(target.host, target.port) as raw:
             raw.handshake()
             raw.send(C.Channel.Open(), 1)
             raw.expect(C.Channel.OpenOk, channel=1)
-            publish, header, body = _publish_frames(queue, b"x" * 5000)
-            raw.send_bytes(publish + header + body[:100])  # then the socket closes
+            raw.send_bytes(b"".join(frames))
+
+    other = names.queue("other")
+    bystander_ch.queue_declare(other)
+    publish(_publish_frames(other, b"complete"))  # a publishing upstream now exists too
+    wait_until(lambda: broker.queue_message_count(other) == 1, timeout=5, msg="first message lost")
+    before = sorted(u["name"] for u in broker.proxy_upstreams(proc))
+    for _ in range(5):
+        publish_frame, header, body = _publish_frames(queue, b"x" * 5000)
+        publish([publish_frame, header, body[:100]])  # then the socket closes mid-message
     time.sleep(0.3)  # intrinsic: give the proxy time to act on the departures
-    (upstream,) = broker.proxy_upstreams(proc)
-    assert upstream["client_properties"]["connection_name"].endswith("upstream 1")
+    assert sorted(u["name"] for u in broker.proxy_upstreams(proc)) == before
     assert bystander_ch.is_open
     _roundtrip(bystander, names.queue("after"))
     assert broker.queue_message_count(queue) == 0

@@ -107,13 +107,16 @@ def test_max_channels_per_upstream_spills_to_new_upstream(proxy_factory, broker,
     conns = [target.pika() for _ in range(3)]
     try:
         # 10 channels in all (4 + 4 + 2), at most 4 per upstream: 3 upstreams.
+        # (An upstream channel is opened at a channel's first method, so each channel declares
+        # its queue before the upstreams are counted.)
         chans = [c.channel() for c in conns[:2] for _ in range(4)] + [conns[2].channel() for _ in range(2)]
+        queues = [names.queue() for _ in chans]
+        for ch, q in zip(chans, queues, strict=True):
+            ch.queue_declare(q)
         ups = broker.proxy_upstreams(proc)
         assert len(ups) == 3, len(ups)
         # All channels work.
-        for i, ch in enumerate(chans):
-            q = names.queue()
-            ch.queue_declare(q)
+        for i, (ch, q) in enumerate(zip(chans, queues, strict=True)):
             ch.basic_publish("", q, str(i).encode())
             assert ch.basic_get(q, auto_ack=True)[2] == str(i).encode()
     finally:
@@ -147,9 +150,12 @@ def test_busy_upstream_not_closed_by_idle_timeout(proxy_factory, broker):
     conn = proc.target().pika()
     try:
         ch = conn.channel()
+        assert ch.queue_declare("", exclusive=True).method.queue.startswith("amq.gen-")
+        (before,) = broker.proxy_upstreams(proc)
         conn.sleep(2.5)
         assert ch.is_open and conn.is_open
-        assert len(broker.proxy_upstreams(proc)) == 1
+        (after,) = broker.proxy_upstreams(proc)
+        assert after["name"] == before["name"]
         assert ch.queue_declare("", exclusive=True).method.queue.startswith("amq.gen-")
     finally:
         conn.close()

@@ -11,41 +11,64 @@ from amqproxy.upstream import Upstream
 
 def make_upstream(channel_max=3):
     pool = SimpleNamespace(config=Config(), pid=1, exclusive=ExclusiveQueues(), forget=lambda u: None)
+    pool.upstream_gone = lambda u, unexpected, wanted: None
     upstream = Upstream(pool, Node("127.0.0.1", 5672, False), Credentials("guest", "guest"), 1)
     upstream.state = "open"
     upstream.channel_max = channel_max
     return upstream
 
 
+def attached(upstream, client, client_channel, role=None):
+    link = Link(client, client_channel, None, 0)
+    return link if upstream.attach(link, role) else None
+
+
 def test_client_channels_get_distinct_upstream_ids_until_full():
     upstream = make_upstream(channel_max=3)
     a, b = object(), object()
-    links = [upstream.attach(a, 1), upstream.attach(b, 1), upstream.attach(a, 2)]
+    links = [attached(upstream, a, 1), attached(upstream, b, 1), attached(upstream, a, 2)]
     assert [link.upstream_channel for link in links] == [1, 2, 3]
     assert [link.client_channel for link in links] == [1, 1, 2]
-    assert upstream.attach(b, 2) is None  # full: the pool must dial another connection
+    assert all(link.upstream is upstream for link in links)
+    assert attached(upstream, b, 2) is None  # full: the pool must dial another connection
     assert not upstream.has_room
 
 
 def test_an_id_is_reused_only_after_release_and_never_while_in_use():
     upstream = make_upstream(channel_max=3)
-    first = upstream.attach(None, 1)
-    second = upstream.attach(None, 2)
+    first = attached(upstream, None, 1)
+    second = attached(upstream, None, 2)
     upstream.release(first)
-    third = upstream.attach(None, 3)
-    fourth = upstream.attach(None, 4)
+    third = attached(upstream, None, 3)
+    fourth = attached(upstream, None, 4)
     ids = {second.upstream_channel, third.upstream_channel, fourth.upstream_channel}
     assert ids == {1, 2, 3}
-    assert upstream.attach(None, 5) is None
+    assert attached(upstream, None, 5) is None
 
 
 def test_release_of_a_stale_link_does_not_free_its_successor():
     upstream = make_upstream(channel_max=1)
-    old = upstream.attach(None, 1)
+    old = attached(upstream, None, 1)
     upstream.release(old)
-    new = upstream.attach(None, 1)
+    new = attached(upstream, None, 1)
     upstream.release(old)  # a late duplicate must not free the new link's id
     assert upstream.links[new.upstream_channel] is new
+
+
+def test_an_upstream_carries_one_role_while_it_has_client_channels():
+    upstream = make_upstream(channel_max=10)
+    publisher = attached(upstream, object(), 1, "publish")
+    assert upstream.role == "publish"
+    assert upstream.accepts("publish", 0) and not upstream.accepts("consume", 0)
+    upstream.release(publisher)
+    assert upstream.role is None and upstream.accepts("consume", 0)
+
+
+def test_an_upstream_past_max_age_takes_no_new_channels():
+    upstream = make_upstream(channel_max=10)
+    upstream.pool.config.upstream_max_age = 60
+    assert upstream.accepts("publish", upstream.created + 59)
+    assert not upstream.accepts("publish", upstream.created + 61)
 
 
 def test_client_initiated_close_finishes_both_sides_once():
@@ -81,9 +104,13 @@ def test_orphaned_link_client_side_is_done():
     assert link.client_side_done()
 
 
+class _Client:
+    exclusive_upstream = None
+
+
 def test_exclusive_queues_follow_their_client():
     registry = ExclusiveQueues()
-    alice, bob, up1, up2 = object(), object(), object(), object()
+    alice, bob, up1, up2 = _Client(), _Client(), object(), object()
     registry.add("/", "q1", alice, up1)
     registry.add("/", "q2", alice, up2)
     registry.add("/", "q3", bob, up1)
