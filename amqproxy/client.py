@@ -14,14 +14,17 @@ import os
 import socket
 import struct
 import time
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 import gevent
 
 from .channel import OPEN, Link
+from .metrics import BYTES, CLIENT_TO_UPSTREAM, FORWARD_LATENCY_U2C, FRAMES
 from .outbox import Outbox
 from .protocol import constants as c
 from .protocol.codec import DecodeError, decode_method, encode_method, method_name
+from .protocol.constants import REPLY_NAMES
 from .protocol.errors import ProtocolError
 from .protocol.frames import (
     FRAME_HEADER_STRUCT,
@@ -47,6 +50,7 @@ if TYPE_CHECKING:
     from .upstream import Upstream
 
 log = logging.getLogger("amqproxy.client")
+audit_log = logging.getLogger("amqproxy.audit")
 
 _METHOD_ID = struct.Struct(">HH")
 _RECV_SIZE = 256 * 1024
@@ -90,9 +94,17 @@ class ClientSession:
         self.blocked_by: set[Upstream] = set()
         self.closing = False
         self.close_reason = ""
-        self.outbox = Outbox(sock, self._on_write_error, high_watermark=self.config.client_buffer)
+        self.close_kind = "client"  # one of metrics.CLOSE_REASONS
+        self.close_code = 0  # the reply code of the Connection.Close we sent, if any
+        self.connected_at = time.time()
+        self.bytes_in = self.bytes_out = 0
+        self.messages_in = self.messages_out = 0  # publishes from / deliveries to the client
+        self.outbox = Outbox(
+            sock, self._on_write_error, high_watermark=self.config.client_buffer, latency=FORWARD_LATENCY_U2C
+        )
         self._reader = FrameReader(c.PRE_TUNE_FRAME_MAX)
         self._batches: dict[Upstream, bytearray] = {}  # this read's frames, per upstream
+        self._received_at = 0.0  # when the read that brought this batch's frames returned
         self._torn_down = False
         self._handshake_deadline = 0.0
         self.throttled = False  # waiting for an upstream to drain: our reads are paused on purpose
@@ -100,6 +112,10 @@ class ClientSession:
 
     def __repr__(self) -> str:
         return f"ClientSession({self.id} {self.address})"
+
+    @property
+    def username(self) -> str:
+        return self.credentials.username if self.credentials is not None else ""
 
     def _log_extra(self, event: str, **fields: Any) -> dict[str, Any]:
         extra = {"event": event, "client_id": self.id, "remote": self.address}
@@ -123,6 +139,8 @@ class ClientSession:
                     self._handshake()
             except _Refused as exc:
                 self.close_reason = str(exc)
+                if str(exc) == "handshake timeout":
+                    self.proxy.metrics.client_refused("handshake_timeout")
                 return
             log.info("client connected", extra=self._log_extra("client_open"))
             self._forward_loop()
@@ -131,9 +149,11 @@ class ClientSession:
         except (OSError, gevent.Timeout) as exc:
             if not self.close_reason:
                 self.close_reason = f"socket error: {exc}"
+                self.close_kind = "socket_error"
         except Exception:
             # A bug of ours: the client gets a clean 541, never a traceback, and others carry on.
             log.exception("internal error in client session", extra=self._log_extra("client_internal_error"))
+            self.close_kind = "internal_error"
             self._protocol_failure(ProtocolError(c.INTERNAL_ERROR, "internal error in amqproxy"))
         finally:
             self._teardown()
@@ -144,6 +164,14 @@ class ClientSession:
 
     def _protocol_failure(self, exc: ProtocolError) -> None:
         self._reader.unshare()
+        metrics = self.proxy.metrics
+        if self.close_kind == "client":
+            self.close_kind = "protocol_error"
+        if self.vhost is None:
+            metrics.client_refused("protocol_error")
+        if exc.reply_code != c.CONNECTION_FORCED:
+            metrics.frame_failed(CLIENT_TO_UPSTREAM, REPLY_NAMES.get(exc.reply_code, "error").lower())
+        metrics.error("client_protocol", "permanent", self.vhost)
         log.warning(
             "client protocol error",
             extra=self._log_extra("client_protocol_error", reply_code=exc.reply_code, reply_text=exc.text),
@@ -174,12 +202,18 @@ class ClientSession:
         except (OSError, ProtocolError):
             return
 
-    def close_connection(self, reply_code: int, text: str, method: tuple[int, int] = (0, 0)) -> None:
-        """Send Connection.Close and release every upstream channel now. Never blocks; idempotent."""
+    def close_connection(
+        self, reply_code: int, text: str, method: tuple[int, int] = (0, 0), kind: str | None = None
+    ) -> None:
+        """Send Connection.Close and release every upstream channel now. Never blocks; idempotent.
+        `kind` is the metric close reason (admin, shutdown...)."""
         if self.closing:
             return
+        if kind is not None:
+            self.close_kind = kind
         self.closing = True
         self.close_reason = text
+        self.close_code = reply_code
         self._release_channels()
         self.outbox.put(
             method_frame(
@@ -199,10 +233,13 @@ class ClientSession:
         except OSError:
             pass
 
-    def abort(self, reason: str) -> None:
+    def abort(self, reason: str, kind: str | None = None) -> None:
         """Drop the connection without a Close (the client cannot take more bytes, or is dead)."""
         if not self.close_reason:
             self.close_reason = reason
+        if kind is not None:
+            self.close_kind = kind
+            self.proxy.metrics.error(kind, "transient", self.vhost)
         log.warning("client aborted", extra=self._log_extra("client_abort", reason=reason))
         self.closing = True
         self.outbox.kill()
@@ -220,6 +257,7 @@ class ClientSession:
         self.proxy.forget(self)
         if self.vhost is not None:
             self.proxy.metrics.client_closed(self)
+            self._audit()
         if self.credentials is not None:
             log.info(
                 "client disconnected",
@@ -230,14 +268,40 @@ class ClientSession:
                 ),
             )
 
+    def _audit(self) -> None:
+        """One audit line per client connection: who, from where, how long, how much, how it ended."""
+        audit_log.info(
+            "client connection",
+            extra={
+                "event": "audit",
+                "client_id": self.id,
+                "user": self.username,
+                "vhost": self.vhost,
+                "remote": self.address,
+                "tls_subject": None,
+                "opened_at": datetime.fromtimestamp(self.connected_at, timezone.utc).isoformat(),
+                "duration_s": round(time.monotonic() - self.opened_at, 3),
+                "bytes_in": self.bytes_in,
+                "bytes_out": self.bytes_out,
+                "messages_in": self.messages_in,
+                "messages_out": self.messages_out,
+                "upstreams": sorted({u.id for u in self.preferred.values()}),
+                "end": self.close_kind,
+                "reply_code": self.close_code,
+                "reason": self.close_reason or "client closed",
+            },
+        )
+
     def _release_channels(self) -> None:
         """Close the upstream side of every channel exactly once; the client side ends with us."""
         # Frames already accepted this read (a pipelined channel.open, say) go out before the closes.
-        for upstream, out in self._batches.items():
-            upstream.send(out)
+        for destination, out in self._batches.items():
+            destination.send(out)
         self._batches.clear()
         links = list(self.channels.values())
         self.channels.clear()
+        for _ in links:
+            self.proxy.metrics.channel_closed(self)
         for link in links:
             link.client = None
             upstream = link.upstream
@@ -251,6 +315,7 @@ class ClientSession:
     def forget(self, link: Link) -> None:
         if self.channels.get(link.client_channel) is link:
             del self.channels[link.client_channel]
+            self.proxy.metrics.channel_closed(self)
 
     # ------------------------------------------------------------------ handshake
 
@@ -313,7 +378,7 @@ class ClientSession:
         if header != c.PROTOCOL_HEADER and header != c.LEGACY_0_9_1_HEADER:
             # Spec 4.2.2: answer an unsupported header with ours, then close.
             self.outbox.put(c.PROTOCOL_HEADER)
-            self.proxy.metrics.protocol_header_rejected()
+            self.proxy.metrics.client_refused("protocol_header")
             raise _Refused("unsupported protocol header")
         self.outbox.put(method_frame(0, start_payload()))
         start_ok = self._read_handshake_method(c.CONNECTION_START_OK)
@@ -364,12 +429,20 @@ class ClientSession:
     def _refuse_upstream(self, exc: UpstreamError, method: tuple[int, int]) -> None:
         if exc.reply_code:
             # The broker's own verdict (403 ACCESS_REFUSED, 530 NOT_ALLOWED "vhost ... not found").
-            self._refuse(exc.reply_code, exc.text, method, "auth" if exc.reply_code == 403 else "vhost")
+            reason = {403: "auth", 506: "limit"}.get(exc.reply_code, "vhost")
+            self.proxy.metrics.error(reason, "permanent", self.vhost)
+            self._refuse(exc.reply_code, exc.text, method, reason)
+        breaker = "circuit breaker" in exc.text
+        self.proxy.metrics.error("upstream_unavailable", "transient", self.vhost)
         self._refuse(
-            c.CONNECTION_FORCED, f"CONNECTION_FORCED - upstream unavailable: {exc.text}"[:255], method, "upstream"
+            c.CONNECTION_FORCED,
+            f"CONNECTION_FORCED - upstream unavailable: {exc.text}"[:255],
+            method,
+            "breaker_open" if breaker else "upstream_unavailable",
         )
 
     def _refuse(self, reply_code: int, text: str, method: tuple[int, int], reason: str) -> None:
+        """Refuse the handshake (reasons: auth, vhost, limit, upstream_unavailable, breaker_open)."""
         self.proxy.metrics.client_refused(reason)
         log.warning(
             "client refused",
@@ -400,6 +473,8 @@ class ClientSession:
         batches = self._batches
         pack_header = FRAME_HEADER_STRUCT.pack
         unpack_method = _METHOD_ID.unpack_from
+        frame_counts = FRAMES[CLIENT_TO_UPSTREAM]
+        byte_counts = BYTES[CLIENT_TO_UPSTREAM]
         while True:
             if self.closing:
                 self._await_close_ok()
@@ -408,12 +483,15 @@ class ClientSession:
             if not data:
                 self.close_reason = self.close_reason or "client closed the socket"
                 return
-            self.last_recv = time.monotonic()
+            self.last_recv = self._received_at = time.monotonic()
+            self.bytes_in += len(data)
             reader.feed(data)
             buf = reader.buffer
             with memoryview(buf) as view:
                 while not self.closing and (frame := reader.next_frame()) is not None:
                     frame_type, channel, start, end = frame
+                    frame_counts[frame_type] += 1
+                    byte_counts[frame_type] += end - start + 8
                     if channel == 0:
                         # Connection-level events act on upstream channels directly: everything
                         # read before them must be on its way first.
@@ -440,6 +518,7 @@ class ClientSession:
                             # followed by anything else on the channel would be a 505 for the
                             # whole shared connection (e.g. the client leaving mid-message).
                             link.on_publish(buf, start, end)
+                            self.messages_in += 1
                             content = link.content
                             content += pack_header(c.FRAME_METHOD, link.upstream_channel, end - start)
                             content += view[start : end + 1]
@@ -462,8 +541,8 @@ class ClientSession:
                             content += pack_header(c.FRAME_HEADER, link.upstream_channel, end - start)
                             content += view[start : end + 1]
                         elif frame_type == c.FRAME_BODY:
-                            link.on_body(end - start)
-                            max_body = link.upstream.max_body
+                            link.on_body(end - start)  # the guard proves the channel was placed
+                            max_body = link.upstream.max_body  # type: ignore[union-attr]
                             if end - start > max_body:
                                 append_split_body(content, link.upstream_channel, view[start:end], max_body)
                             else:
@@ -472,13 +551,16 @@ class ClientSession:
                         else:
                             raise ProtocolError(c.FRAME_ERROR, "heartbeat frame on non-zero channel")
                         if link.expect == EXPECT_METHOD:  # the message is complete
-                            out = batches.get(link.upstream)
+                            upstream = link.upstream
+                            assert upstream is not None
+                            out = batches.get(upstream)
                             if out is None:
-                                out = batches[link.upstream] = bytearray()
+                                out = batches[upstream] = bytearray()
                             out += content
                             content.clear()
                         continue
                     upstream = link.upstream
+                    assert upstream is not None  # placed by _place() above
                     out = batches.get(upstream)
                     if out is None:
                         out = batches[upstream] = bytearray()
@@ -492,8 +574,9 @@ class ClientSession:
         batches = self._batches
         if not batches:
             return
+        received_at = self._received_at
         for upstream, out in batches.items():
-            upstream.send(out)
+            upstream.send(out, received_at)
         backed_up = [u.outbox for u in batches if u.outbox is not None and u.outbox.buffered > u.outbox.high_watermark]
         batches.clear()
         for outbox in backed_up:
@@ -518,6 +601,7 @@ class ClientSession:
             raise ProtocolError(c.FRAME_ERROR, f"cannot decode connection method: {exc}") from exc
         if method == c.CONNECTION_CLOSE:
             self.close_reason = f"client closed ({args['reply_code']} {args['reply_text']})"
+            self.close_kind = "client"
             self.closing = True
             self._release_channels()
             self.outbox.put(method_frame(0, encode_method(c.CONNECTION_CLOSE_OK)))
@@ -540,6 +624,7 @@ class ClientSession:
         link = Link(self, channel, None, 0)
         link.state = OPEN
         self.channels[channel] = link
+        self.proxy.metrics.channel_opened(self)
         self.outbox.put(method_frame(channel, _CHANNEL_OPEN_OK))
 
     def _place(self, link: Link, method: tuple[int, int]) -> bool:
@@ -605,7 +690,7 @@ class ClientSession:
             if method == c.QUEUE_DECLARE:
                 exclusive = args["exclusive"] and not args["passive"]
                 if args["nowait"]:
-                    if exclusive and queue:
+                    if exclusive and queue and link.upstream is not None:
                         self.pool.exclusive.add(self.vhost or "", queue, self, link.upstream)
                 else:
                     link.pending_declares.append(exclusive)
@@ -686,17 +771,19 @@ class ClientSession:
 
     # ------------------------------------------------------------------ called by upstream readers
 
-    def deliver(self, data: bytes | bytearray) -> None:
+    def deliver(self, data: bytes | bytearray, received_at: float) -> None:
         """Frames for this client, already remapped. Never blocks the calling upstream reader."""
         outbox = self.outbox
-        outbox.put(data)
+        self.bytes_out += len(data)
+        outbox.put(data, received_at)
         if outbox.buffered > self.config.client_buffer:
             if self.over_buffer_since is None:
                 self.over_buffer_since = time.monotonic()
             if outbox.buffered > _HARD_BUFFER_FACTOR * self.config.client_buffer:
-                self.abort(f"slow client: more than {outbox.buffered} bytes waiting to be written")
+                self.abort(f"slow client: more than {outbox.buffered} bytes waiting to be written", "slow_client")
 
     def upstream_lost(self, upstream: Upstream, cause: str) -> None:
+        self.close_kind = "upstream_lost"
         self.close_connection(c.CONNECTION_FORCED, f"CONNECTION_FORCED - upstream connection lost: {cause}"[:255])
 
     def upstream_blocked(self, upstream: Upstream, reason: str) -> None:
@@ -723,14 +810,15 @@ class ClientSession:
             elif now - self.over_buffer_since > SLOW_CLIENT_GRACE:
                 self.abort(
                     f"slow client: more than {self.config.client_buffer} bytes waiting to be written "
-                    f"for over {SLOW_CLIENT_GRACE:g} s"
+                    f"for over {SLOW_CLIENT_GRACE:g} s",
+                    "slow_client",
                 )
                 return
         heartbeat = self.heartbeat
         if not heartbeat or self.closing:
             return
         if now - self.last_recv > 2 * heartbeat and not self.throttled:
-            self.abort(f"missed heartbeats from client ({2 * heartbeat} s without a frame)")
+            self.abort(f"missed heartbeats from client ({2 * heartbeat} s without a frame)", "heartbeat_timeout")
             return
         if now - self.outbox.last_write >= heartbeat / 2:
             self.outbox.put(HEARTBEAT_FRAME)
@@ -738,5 +826,6 @@ class ClientSession:
     def _on_write_error(self, exc: BaseException) -> None:
         if not self.close_reason:
             self.close_reason = f"write failed: {exc}"
+            self.close_kind = "socket_error"
         self.closing = True
         self._shutdown_socket()

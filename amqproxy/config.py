@@ -70,6 +70,7 @@ class Config:
     breaker_open_max: float = 60.0
     breaker_max_open_percent: float = 50.0
     breaker_all_open: str = "fail-fast"
+    admin_token: str = ""
 
 
 # ---------------------------------------------------------------------------- value parsers
@@ -214,6 +215,10 @@ class Option:
         return self.name.replace("_", "-")
 
 
+def _token(value: str) -> str:
+    return value.strip()
+
+
 OPTIONS: tuple[Option, ...] = (
     Option("listen", parse_hostport, "127.0.0.1:5673", "AMQP listen address for clients", "HOST:PORT"),
     Option(
@@ -232,6 +237,14 @@ OPTIONS: tuple[Option, ...] = (
         "HOST:PORT",
     ),
     Option("log_level", _choice("debug", "info", "warning", "error"), "info", "log level", "LEVEL"),
+    Option(
+        "admin_token",
+        _token,
+        "",
+        "bearer token required by the admin API's state-changing and debug endpoints; "
+        "prefer the env var or config file (a flag shows in ps); empty = no token",
+        "TOKEN",
+    ),
     Option("log_format", _choice("json", "text"), "json", "log line format", "FORMAT"),
     Option(
         "max_channels_per_upstream",

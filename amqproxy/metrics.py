@@ -1,13 +1,27 @@
-"""Prometheus metrics (prefix amqproxy_). Labels stay bounded: vhost, user, reason, node; never ids.
+"""Prometheus metrics (prefix amqproxy_), served at /metrics.
 
-Counters and gauges are updated on connection and channel lifecycle events, never per frame.
+Two kinds:
+- Event counters and histograms, updated where the event happens (a connection opens, a
+  handshake completes, a breaker trips), never per frame.
+- Live-state gauges (connections, channels, pools, breakers) and the frame/byte counters,
+  computed at scrape time by `LiveStateCollector` from the proxy's own structures and from plain
+  integer arrays that the forwarding loops bump -- the hot path makes no Prometheus calls.
+Labels stay bounded: vhost, user, node, direction, frame type and fixed reason words; never
+connection ids, queue names, free text or passwords.
 """
 
 from __future__ import annotations
 
+import platform
+import time
+from collections import Counter as Tally
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import Counter, Gauge, Info
+import gevent
+from prometheus_client import REGISTRY, Counter, Histogram, Info
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from . import __version__
 
@@ -15,70 +29,230 @@ if TYPE_CHECKING:
     from .client import ClientSession
     from .server import Proxy
 
-BUILD_INFO = Info("amqproxy_build", "amqproxy version")
-BUILD_INFO.info({"version": __version__})
+# Buckets from 10 microseconds to 10 seconds: the proxy's own latency lives at the low end.
+LATENCY_BUCKETS = (
+    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005,
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
 
-CLIENTS_OPEN = Gauge("amqproxy_client_connections", "Client connections open now", ["vhost", "user"])
-CLIENTS_OPENED = Counter("amqproxy_client_connections_opened_total", "Client connections opened", ["vhost", "user"])
-CLIENTS_CLOSED = Counter("amqproxy_client_connections_closed_total", "Client connections closed", ["vhost", "user"])
-CLIENTS_REFUSED = Counter(
-    "amqproxy_client_connections_refused_total", "Client connections refused during the handshake", ["reason"]
+FRAME_TYPE_NAMES = {1: "method", 2: "header", 3: "body", 8: "heartbeat"}
+CLIENT_TO_UPSTREAM = "client_to_upstream"
+UPSTREAM_TO_CLIENT = "upstream_to_client"
+
+# Bumped by the forwarding loops: index = frame type. Read at scrape time.
+FRAMES = {CLIENT_TO_UPSTREAM: [0] * 9, UPSTREAM_TO_CLIENT: [0] * 9}
+BYTES = {CLIENT_TO_UPSTREAM: [0] * 9, UPSTREAM_TO_CLIENT: [0] * 9}
+
+BUILD_INFO = Info("amqproxy_build", "amqproxy version and build")
+BUILD_INFO.info(
+    {
+        "version": __version__,
+        "python": platform.python_version(),
+        "gevent": gevent.__version__,
+    }
 )
-UPSTREAMS_OPEN = Gauge("amqproxy_upstream_connections", "Upstream connections open now", ["node"])
-UPSTREAM_CHANNELS = Gauge("amqproxy_upstream_channels", "Channels open on upstream connections now", ["node"])
+
+CLIENTS_OPENED = Counter(
+    "amqproxy_client_connections_opened_total", "Client connections that completed the handshake", ["vhost", "user"]
+)
+CLIENTS_CLOSED = Counter(
+    "amqproxy_client_connections_closed_total",
+    "Client connections closed after a completed handshake, by reason",
+    ["vhost", "user", "reason"],
+)
+CLIENTS_REFUSED = Counter(
+    "amqproxy_client_connections_refused_total", "Client connections refused before Connection.OpenOk", ["reason"]
+)
+CHANNELS_OPENED = Counter("amqproxy_channels_opened_total", "Client channels opened", ["vhost", "user"])
+CHANNELS_CLOSED = Counter("amqproxy_channels_closed_total", "Client channels closed", ["vhost", "user"])
+FRAMES_FAILED = Counter(
+    "amqproxy_frames_failed_total",
+    "Frames refused by the proxy (the sender was closed), by reason",
+    ["direction", "reason"],
+)
+ERRORS = Counter(
+    "amqproxy_errors_total",
+    "Errors by type and category (transient errors are worth retrying, permanent ones are not)",
+    ["error_type", "category", "vhost"],
+)
+UPSTREAMS_OPENED = Counter("amqproxy_upstream_connections_opened_total", "Upstream connections opened", ["node"])
+UPSTREAMS_CLOSED = Counter(
+    "amqproxy_upstream_connections_closed_total", "Upstream connections closed, by reason", ["node", "reason"]
+)
 UPSTREAM_CONNECT_ATTEMPTS = Counter(
     "amqproxy_upstream_connect_attempts_total",
-    "Upstream connection attempts by outcome (success, transient, permanent)",
+    "Upstream (re)connect attempts by outcome: success, transient or permanent failure",
     ["node", "outcome"],
-)
-BREAKER_STATE = Gauge(
-    "amqproxy_breaker_state", "Circuit breaker state per node: 0 closed, 1 half-open, 2 open", ["node"]
 )
 BREAKER_TRANSITIONS = Counter(
     "amqproxy_breaker_transitions_total", "Circuit breaker state changes", ["node", "from", "to"]
 )
-_BREAKER_VALUES = {"closed": 0, "half-open": 1, "open": 2}
+HANDSHAKE_DURATION = Histogram(
+    "amqproxy_handshake_duration_seconds",
+    "Client connect to Connection.OpenOk",
+    ["vhost"],
+    buckets=LATENCY_BUCKETS,
+)
+UPSTREAM_CONNECT_DURATION = Histogram(
+    "amqproxy_upstream_connect_duration_seconds",
+    "TCP connect to Connection.OpenOk on an upstream connection",
+    ["node"],
+    buckets=LATENCY_BUCKETS,
+)
+FORWARD_LATENCY = Histogram(
+    "amqproxy_forwarding_latency_seconds",
+    "Time a batch of frames spends inside the proxy, from the read that brought it to its write",
+    ["direction"],
+    buckets=LATENCY_BUCKETS,
+)
+FORWARD_LATENCY_C2U = FORWARD_LATENCY.labels(CLIENT_TO_UPSTREAM)
+FORWARD_LATENCY_U2C = FORWARD_LATENCY.labels(UPSTREAM_TO_CLIENT)
+
+BREAKER_VALUES = {"closed": 0, "half-open": 1, "open": 2}
+
+# Close reasons of client connections (a fixed vocabulary keeps label cardinality bounded).
+CLOSE_REASONS = (
+    "client",
+    "protocol_error",
+    "upstream_lost",
+    "heartbeat_timeout",
+    "slow_client",
+    "shutdown",
+    "admin",
+    "socket_error",
+    "internal_error",
+)
 
 
 class Metrics:
-    """The proxy's handle on its metrics; gauges that mirror live state are computed at scrape time."""
+    """The proxy's handle on its event metrics."""
 
     def __init__(self, proxy: Proxy) -> None:
         self.proxy = proxy
+        REGISTRY.register(LiveStateCollector(proxy))
 
     def client_opened(self, client: ClientSession) -> None:
-        labels = (client.vhost or "", client.credentials.username if client.credentials else "")
-        CLIENTS_OPENED.labels(*labels).inc()
-        CLIENTS_OPEN.labels(*labels).inc()
+        CLIENTS_OPENED.labels(client.vhost or "", client.username).inc()
+        HANDSHAKE_DURATION.labels(client.vhost or "").observe(time.monotonic() - client.opened_at)
 
     def client_closed(self, client: ClientSession) -> None:
-        labels = (client.vhost or "", client.credentials.username if client.credentials else "")
-        CLIENTS_CLOSED.labels(*labels).inc()
-        CLIENTS_OPEN.labels(*labels).dec()
+        CLIENTS_CLOSED.labels(client.vhost or "", client.username, client.close_kind).inc()
 
     def client_refused(self, reason: str) -> None:
         CLIENTS_REFUSED.labels(reason).inc()
 
-    def protocol_header_rejected(self) -> None:
-        CLIENTS_REFUSED.labels("protocol_header").inc()
+    def channel_opened(self, client: ClientSession) -> None:
+        CHANNELS_OPENED.labels(client.vhost or "", client.username).inc()
+
+    def channel_closed(self, client: ClientSession) -> None:
+        CHANNELS_CLOSED.labels(client.vhost or "", client.username).inc()
+
+    def frame_failed(self, direction: str, reason: str) -> None:
+        FRAMES_FAILED.labels(direction, reason).inc()
+
+    def error(self, error_type: str, category: str, vhost: str | None) -> None:
+        ERRORS.labels(error_type, category, vhost or "").inc()
 
     def upstream_connect(self, node: str, outcome: str, seconds: float) -> None:
         UPSTREAM_CONNECT_ATTEMPTS.labels(node, outcome).inc()
+        if outcome == "success":
+            UPSTREAMS_OPENED.labels(node).inc()
+            UPSTREAM_CONNECT_DURATION.labels(node).observe(seconds)
+
+    def upstream_closed(self, node: str, reason: str) -> None:
+        UPSTREAMS_CLOSED.labels(node, reason).inc()
 
     def breaker_change(self, node: str, old: str, new: str) -> None:
         BREAKER_TRANSITIONS.labels(node, old, new).inc()
-        BREAKER_STATE.labels(node).set(_BREAKER_VALUES[new])
 
-    def refresh(self) -> None:
-        """Recompute the live-state gauges just before a scrape."""
-        per_node: dict[str, int] = {}
-        channels: dict[str, int] = {}
-        for upstream in self.proxy.pool.all_upstreams():
-            label = upstream.node.label
-            per_node[label] = per_node.get(label, 0) + 1
-            channels[label] = channels.get(label, 0) + len(upstream.links)
-        for state in self.proxy.pool.nodes.states:
+
+class LiveStateCollector(Collector):
+    """Gauges read from the proxy's live structures at scrape time, and the hot-path counters."""
+
+    def __init__(self, proxy: Proxy) -> None:
+        self.proxy = proxy
+
+    def describe(self) -> list[GaugeMetricFamily]:
+        return []  # names are known only at scrape time; nothing to check at registration
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        proxy = self.proxy
+        clients = GaugeMetricFamily(
+            "amqproxy_client_connections", "Client connections open now", labels=["vhost", "user"]
+        )
+        channels = GaugeMetricFamily("amqproxy_channels", "Client channels open now", labels=["vhost", "user"])
+        client_tally: Tally[tuple[str, str]] = Tally()
+        channel_tally: Tally[tuple[str, str]] = Tally()
+        for session in list(proxy.sessions):
+            if session.vhost is None:
+                continue  # still in its handshake
+            key = (session.vhost, session.username)
+            client_tally[key] += 1
+            channel_tally[key] += len(session.channels)
+        for key, count in client_tally.items():
+            clients.add_metric(list(key), count)
+            channels.add_metric(list(key), channel_tally[key])
+        yield clients
+        yield channels
+
+        upstreams = GaugeMetricFamily(
+            "amqproxy_upstream_connections", "Upstream connections now, by node and state", labels=["node", "state"]
+        )
+        upstream_channels = GaugeMetricFamily(
+            "amqproxy_upstream_channels", "Channels open on upstream connections now", labels=["node"]
+        )
+        breakers = GaugeMetricFamily(
+            "amqproxy_breaker_state", "Circuit breaker state per node: 0 closed, 1 half-open, 2 open", labels=["node"]
+        )
+        pool_upstreams = GaugeMetricFamily(
+            "amqproxy_pool_upstream_connections",
+            "Upstream connections per credential set: in_use (has channels) or idle",
+            labels=["vhost", "user", "state"],
+        )
+        pool_channels = GaugeMetricFamily(
+            "amqproxy_pool_channels", "Upstream channels per credential set", labels=["vhost", "user"]
+        )
+        by_node: Tally[tuple[str, str]] = Tally()
+        node_channels: Tally[str] = Tally()
+        per_key: Tally[tuple[str, str, str]] = Tally()
+        key_channels: Tally[tuple[str, str]] = Tally()
+        pool = proxy.pool
+        for upstream in pool.all_upstreams() + list(pool.closing):
+            by_node[(upstream.node.label, upstream.state)] += 1
+            node_channels[upstream.node.label] += len(upstream.links)
+            if upstream.state == "open":
+                user, _password, vhost = upstream.key
+                per_key[(vhost, user, "in_use" if upstream.links else "idle")] += 1
+                key_channels[(vhost, user)] += len(upstream.links)
+        for state in pool.nodes.states:
             label = state.node.label
-            UPSTREAMS_OPEN.labels(label).set(per_node.get(label, 0))
-            UPSTREAM_CHANNELS.labels(label).set(channels.get(label, 0))
-            BREAKER_STATE.labels(label).set(_BREAKER_VALUES[state.breaker.state])
+            for upstream_state in ("open", "closing"):
+                upstreams.add_metric([label, upstream_state], by_node[(label, upstream_state)])
+            upstream_channels.add_metric([label], node_channels[label])
+            breakers.add_metric([label], BREAKER_VALUES[state.breaker.state])
+        for (vhost, user, state_name), count in per_key.items():
+            pool_upstreams.add_metric([vhost, user, state_name], count)
+        for (vhost, user), count in key_channels.items():
+            pool_channels.add_metric([vhost, user], count)
+        yield upstreams
+        yield upstream_channels
+        yield breakers
+        yield pool_upstreams
+        yield pool_channels
+
+        frames = CounterMetricFamily(
+            "amqproxy_proxied_frames",
+            "Frames forwarded, by direction and frame type",
+            labels=["direction", "frame_type"],
+        )
+        nbytes = CounterMetricFamily(
+            "amqproxy_proxied_bytes",
+            "Bytes forwarded (whole frames), by direction and frame type",
+            labels=["direction", "frame_type"],
+        )
+        for direction in (CLIENT_TO_UPSTREAM, UPSTREAM_TO_CLIENT):
+            for frame_type, name in FRAME_TYPE_NAMES.items():
+                frames.add_metric([direction, name], FRAMES[direction][frame_type])
+                nbytes.add_metric([direction, name], BYTES[direction][frame_type])
+        yield frames
+        yield nbytes

@@ -12,6 +12,7 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 import gevent
 from gevent.event import Event
@@ -31,6 +32,8 @@ class Outbox:
         "_close_when_drained",
         "_greenlet",
         "_on_error",
+        "_oldest",
+        "_latency",
     )
 
     def __init__(
@@ -38,6 +41,7 @@ class Outbox:
         sock: socket.socket,
         on_error: Callable[[BaseException], None],
         high_watermark: int = 4 * 1024 * 1024,
+        latency: Any = None,
     ) -> None:
         self._sock = sock
         self._chunks: deque[bytes | bytearray] = deque()
@@ -51,11 +55,15 @@ class Outbox:
         self.closed = False
         self._close_when_drained = False
         self._on_error = on_error
+        self._oldest = 0.0  # when the oldest unsent byte was read from its sender
+        self._latency = latency  # histogram child observing the time data spends in the proxy
         self._greenlet = gevent.spawn(self._run)
 
-    def put(self, data: bytes | bytearray) -> None:
+    def put(self, data: bytes | bytearray, received_at: float = 0.0) -> None:
         if self.closed:
             return
+        if received_at and not self._oldest:
+            self._oldest = received_at
         self._chunks.append(data)
         self.buffered += len(data)
         if self.buffered > self.high_watermark:
@@ -97,11 +105,14 @@ class Outbox:
                     else:
                         data = b"".join(chunks)
                         chunks.clear()
+                    oldest, self._oldest = self._oldest, 0.0
                     sock.sendall(data)
                     self.buffered -= len(data)
                     if self.buffered <= self.low_watermark:
                         self._room.set()
-                    self.last_write = time.monotonic()
+                    now = self.last_write = time.monotonic()
+                    if oldest and self._latency is not None:
+                        self._latency.observe(now - oldest)
                 if self.closed:
                     return
                 if self._close_when_drained and not chunks:

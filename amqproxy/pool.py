@@ -203,7 +203,10 @@ class Pool:
             return True
         if upstream.verify(VERIFY_TIMEOUT):
             return True
-        upstream.fail(f"health check failed: no answer from {upstream.node.label} within {VERIFY_TIMEOUT:g} s")
+        upstream.fail(
+            f"health check failed: no answer from {upstream.node.label} within {VERIFY_TIMEOUT:g} s",
+            kind="health_check",
+        )
         return False
 
     def _check_capacity(self, key: PoolKey) -> None:
@@ -284,6 +287,7 @@ class Pool:
             )
             if self.metrics is not None:
                 self.metrics.upstream_connect(node.label, category, time.monotonic() - started)
+                self.metrics.error("upstream_connect", category, vhost)
             if exc.permanent:
                 # The node answered: it is up, whatever it thinks of these credentials.
                 self.nodes.record_success(node_state)
@@ -374,19 +378,19 @@ class Pool:
             keep = cfg.min_idle_upstreams
             for upstream in idle:
                 if cfg.upstream_max_age and now - upstream.created > cfg.upstream_max_age:
-                    upstream.close("maximum age reached")
+                    upstream.close("maximum age reached", "max_age")
                 elif now - upstream.idle_since > cfg.idle_timeout and len(idle) > keep:
                     idle.remove(upstream)
-                    upstream.close("idle timeout")
+                    upstream.close("idle timeout", "idle_timeout")
             if keep and len([u for u in self.upstreams.get(key, ()) if not u.links]) < keep:
                 self._replenish(key)
-        for key, held in list(self._held.items()):
+        for login, held in list(self._held.items()):
             for upstream in list(held):
                 if now - upstream.created > HELD_TTL:
                     held.remove(upstream)
                     upstream.abort()
             if not held:
-                del self._held[key]
+                del self._held[login]
 
     def tick(self, now: float) -> None:
         for upstream in self.all_upstreams():
@@ -396,7 +400,7 @@ class Pool:
         self.stopping = True
         for upstream in self.all_upstreams():
             upstream.links.clear()
-            upstream.close(reason, grace=2.0)
+            upstream.close(reason, "shutdown", grace=2.0)
 
     def ready(self) -> bool:
         return not self.stopping and self.nodes.usable()

@@ -87,7 +87,7 @@ class Proxy:
         if self._server is not None:
             self._server.close()
         for session in list(self.sessions):
-            session.close_connection(c.CONNECTION_FORCED, "CONNECTION_FORCED - proxy shutting down")
+            session.close_connection(c.CONNECTION_FORCED, "CONNECTION_FORCED - proxy shutting down", kind="shutdown")
         deadline = time.monotonic() + SHUTDOWN_GRACE + 1
         while self.sessions and time.monotonic() < deadline:
             gevent.sleep(0.05)

@@ -19,6 +19,7 @@ import gevent
 from gevent.event import AsyncResult
 
 from .channel import OPEN, Link
+from .metrics import BYTES, FORWARD_LATENCY_C2U, FRAMES, UPSTREAM_TO_CLIENT
 from .outbox import Outbox
 from .protocol import constants as c
 from .protocol.codec import DecodeError, decode_method, encode_method
@@ -55,6 +56,7 @@ _WATCHED = frozenset(
     }
 )
 _TX_COMMIT_OK = (90, 21)
+_DELIVERIES = frozenset({c.BASIC_DELIVER, c.BASIC_GET_OK})
 
 
 class UpstreamError(Exception):
@@ -163,7 +165,12 @@ class Upstream:
         self.vhost = vhost
         self.state = "open"
         self.last_recv = self.idle_since = time.monotonic()
-        self.outbox = Outbox(self.sock, self._on_write_error, high_watermark=self.pool.config.upstream_buffer)
+        self.outbox = Outbox(
+            self.sock,
+            self._on_write_error,
+            high_watermark=self.pool.config.upstream_buffer,
+            latency=FORWARD_LATENCY_C2U,
+        )
         self._reader = gevent.spawn(self._read_loop)
         log.info(
             "upstream connection open",
@@ -283,9 +290,9 @@ class Upstream:
         self.close_channel(link, 200, "health check")
         return True
 
-    def send(self, data: bytes | bytearray) -> None:
+    def send(self, data: bytes | bytearray, received_at: float = 0.0) -> None:
         if self.outbox is not None:
-            self.outbox.put(data)
+            self.outbox.put(data, received_at)
 
     def send_method(self, channel: int, method: tuple[int, int], **args: Any) -> None:
         self.send(method_frame(channel, encode_method(method, **args)))
@@ -330,18 +337,22 @@ class Upstream:
         links = self.links
         pack_header = FRAME_HEADER_STRUCT.pack
         unpack_method = _METHOD_ID.unpack_from
+        frame_counts = FRAMES[UPSTREAM_TO_CLIENT]
+        byte_counts = BYTES[UPSTREAM_TO_CLIENT]
         try:
             while True:
                 data = sock.recv(_RECV_SIZE)
                 if not data:
                     raise ConnectionResetError("connection closed by the broker")
-                self.last_recv = time.monotonic()
+                received_at = self.last_recv = time.monotonic()
                 reader.feed(data)
                 batches: dict[ClientSession, bytearray] = {}
                 buf = reader.buffer
                 with memoryview(buf) as view:
                     while (frame := reader.next_frame()) is not None:
                         frame_type, channel, start, end = frame
+                        frame_counts[frame_type] += 1
+                        byte_counts[frame_type] += end - start + 8
                         if channel == 0:
                             self._on_connection_frame(frame_type, view[start:end])
                             continue
@@ -355,6 +366,8 @@ class Upstream:
                                     continue
                             elif link.closing:
                                 continue
+                            elif method in _DELIVERIES and link.client is not None:
+                                link.client.messages_out += 1
                         elif link.closing:
                             continue
                         client = link.client
@@ -371,7 +384,7 @@ class Upstream:
                             out += view[start : end + 1]
                 reader.compact()
                 for client, out in batches.items():
-                    client.deliver(out)
+                    client.deliver(out, received_at)
                 # A busy broker socket never blocks recv(); yield so client writers get to run.
                 gevent.sleep(0)
         except (OSError, ProtocolError, DecodeError) as exc:
@@ -394,6 +407,7 @@ class Upstream:
             self.fail(
                 f"broker closed the upstream connection: {args['reply_code']} {args['reply_text']}",
                 close_socket=False,
+                kind="broker_closed",
             )
         elif method == c.CONNECTION_CLOSE_OK:
             self._finish()
@@ -476,15 +490,20 @@ class Upstream:
         if self.state != "open" or not self.heartbeat or self.outbox is None:
             return
         if now - self.last_recv > 2 * self.heartbeat:
-            self.fail(f"missed heartbeats from {self.node.label} ({2 * self.heartbeat} s without a frame)")
+            self.fail(
+                f"missed heartbeats from {self.node.label} ({2 * self.heartbeat} s without a frame)",
+                kind="heartbeat_timeout",
+            )
             return
         if now - self.outbox.last_write >= self.heartbeat / 2:
             self.outbox.put(HEARTBEAT_FRAME)
 
-    def close(self, reason: str, grace: float = 5.0) -> None:
-        """Close cleanly (Connection.Close 200); only called once no client channel is attached."""
+    def close(self, reason: str, kind: str, grace: float = 5.0) -> None:
+        """Close cleanly (Connection.Close 200); only called once no client channel is attached.
+        `kind` is the metric reason: idle_timeout, max_age or shutdown."""
         if self.state != "open":
             return
+        self._count_closed(kind)
         self.state = "closing"
         self.close_cause = reason
         self.pool.forget(self)
@@ -496,10 +515,16 @@ class Upstream:
         )
         gevent.spawn_later(grace, self._finish)
 
-    def fail(self, cause: str, close_socket: bool = True) -> None:
-        """The connection is gone: every client with a channel on it is closed with 320 and the cause."""
+    def fail(self, cause: str, close_socket: bool = True, kind: str = "lost") -> None:
+        """The connection is gone: every client with a channel on it is closed with 320 and the cause.
+        `kind` is the metric reason: lost, broker_closed, heartbeat_timeout or health_check."""
         if self.state == "closed":
             return
+        if self.state == "open":
+            self._count_closed(kind)
+            metrics = self.pool.metrics
+            if metrics is not None:
+                metrics.error("upstream_lost", "transient", self.vhost)
         was_open = self.state == "open"
         self.state = "closed"
         self.close_cause = cause
@@ -522,6 +547,11 @@ class Upstream:
             client.upstream_lost(self, cause)
         if close_socket:
             self._finish()
+
+    def _count_closed(self, kind: str) -> None:
+        metrics = self.pool.metrics
+        if metrics is not None:
+            metrics.upstream_closed(self.node.label, kind)
 
     def _finish(self) -> None:
         self.state = "closed"
