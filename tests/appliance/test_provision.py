@@ -564,6 +564,12 @@ def test_logs_are_json_lines(service):
 
 
 def test_metrics_feed_the_dashboard(service):
+    # Labelled series exist once something happened: one client handshake through the proxy.
+    client = pika.BlockingConnection(
+        pika.ConnectionParameters("127.0.0.1", service.amqp_port, credentials=pika.PlainCredentials("guest", "guest"))
+    )
+    client.channel().queue_declare("", exclusive=True)
+    client.close()
     status, body = http_get(service.url("/metrics"))
     assert status == 200
     exposed = set(re.findall(r"^(?:# (?:HELP|TYPE) )?([a-zA-Z_:][a-zA-Z0-9_:]*)", body.decode(), re.M))
