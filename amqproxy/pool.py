@@ -235,9 +235,14 @@ class Pool:
         """
         delays = self.backoff.delays()
         last_error: UpstreamError | None = None
+        first = True
         while True:
             candidates = self.nodes.candidates()
-            if not candidates and self.config.breaker_all_open == "fail-fast" and self.nodes.all_open():
+            # Fail fast only for a *new* request: one already waiting out an outage keeps waiting
+            # (a breaker that opens meanwhile half-opens later and lets its probe through).
+            fail_fast = first and self.config.breaker_all_open == "fail-fast"
+            first = False
+            if not candidates and fail_fast and self.nodes.all_open():
                 raise UpstreamError(
                     "every upstream node's circuit breaker is open"
                     + (f" (last error: {last_error.text})" if last_error else self._last_node_error())
