@@ -24,11 +24,12 @@ from .metrics import BYTES, CLIENT_TO_UPSTREAM, FORWARD_LATENCY_U2C, FRAMES
 from .outbox import Outbox
 from .protocol import constants as c
 from .protocol.codec import DecodeError, decode_method, encode_method, method_name
-from .protocol.constants import REPLY_NAMES
+from .protocol.constants import FRAME_END, REPLY_NAMES
 from .protocol.errors import ProtocolError
 from .protocol.frames import (
     FRAME_HEADER_STRUCT,
     HEARTBEAT_FRAME,
+    VALID_FRAME_TYPES,
     FrameReader,
     append_split_body,
     method_frame,
@@ -472,7 +473,9 @@ class ClientSession:
         channels = self.channels
         batches = self._batches
         pack_header = FRAME_HEADER_STRUCT.pack
+        frame_header = FRAME_HEADER_STRUCT.unpack_from
         unpack_method = _METHOD_ID.unpack_from
+        valid_types = VALID_FRAME_TYPES
         frame_counts = FRAMES[CLIENT_TO_UPSTREAM]
         byte_counts = BYTES[CLIENT_TO_UPSTREAM]
         while True:
@@ -487,11 +490,26 @@ class ClientSession:
             self.bytes_in += len(data)
             reader.feed(data)
             buf = reader.buffer
+            available = len(buf)
+            pos = reader.pos
+            max_frame = reader.max_frame_size
             with memoryview(buf) as view:
-                while not self.closing and (frame := reader.next_frame()) is not None:
-                    frame_type, channel, start, end = frame
+                # Frames are scanned inline (see FrameReader); reader.pos follows each frame so
+                # that an error path can read on from the right place.
+                while available - pos >= 7 and not self.closing:
+                    frame_type, channel, size = frame_header(buf, pos)
+                    end = pos + 7 + size
+                    if frame_type not in valid_types or size + 8 > max_frame:
+                        reader.next_frame()  # raises the precise framing error
+                    if end >= available:
+                        break
+                    if buf[end] != FRAME_END:
+                        reader.next_frame()
+                    frame_start = pos
+                    start = pos + 7
+                    pos = reader.pos = end + 1
                     frame_counts[frame_type] += 1
-                    byte_counts[frame_type] += end - start + 8
+                    byte_counts[frame_type] += size + 8
                     if channel == 0:
                         # Connection-level events act on upstream channels directly: everything
                         # read before them must be on its way first.
@@ -519,9 +537,11 @@ class ClientSession:
                             # whole shared connection (e.g. the client leaving mid-message).
                             link.on_publish(buf, start, end)
                             self.messages_in += 1
-                            content = link.content
-                            content += pack_header(c.FRAME_METHOD, link.upstream_channel, end - start)
-                            content += view[start : end + 1]
+                            if link.upstream_channel == channel:
+                                link.content += view[frame_start:pos]
+                            else:
+                                link.content += pack_header(c.FRAME_METHOD, link.upstream_channel, size)
+                                link.content += view[start:pos]
                             continue
                         elif method in _ACKS:
                             link.on_method(method)
@@ -538,16 +558,21 @@ class ClientSession:
                         content = link.content
                         if frame_type == c.FRAME_HEADER:
                             link.on_header(buf, start, end)
-                            content += pack_header(c.FRAME_HEADER, link.upstream_channel, end - start)
-                            content += view[start : end + 1]
-                        elif frame_type == c.FRAME_BODY:
-                            link.on_body(end - start)  # the guard proves the channel was placed
-                            max_body = link.upstream.max_body  # type: ignore[union-attr]
-                            if end - start > max_body:
-                                append_split_body(content, link.upstream_channel, view[start:end], max_body)
+                            if link.upstream_channel == channel:
+                                content += view[frame_start:pos]
                             else:
-                                content += pack_header(c.FRAME_BODY, link.upstream_channel, end - start)
-                                content += view[start : end + 1]
+                                content += pack_header(c.FRAME_HEADER, link.upstream_channel, size)
+                                content += view[start:pos]
+                        elif frame_type == c.FRAME_BODY:
+                            link.on_body(size)  # the guard proves the channel was placed
+                            max_body = link.upstream.max_body  # type: ignore[union-attr]
+                            if size > max_body:
+                                append_split_body(content, link.upstream_channel, view[start:end], max_body)
+                            elif link.upstream_channel == channel:
+                                content += view[frame_start:pos]
+                            else:
+                                content += pack_header(c.FRAME_BODY, link.upstream_channel, size)
+                                content += view[start:pos]
                         else:
                             raise ProtocolError(c.FRAME_ERROR, "heartbeat frame on non-zero channel")
                         if link.expect == EXPECT_METHOD:  # the message is complete
@@ -564,8 +589,11 @@ class ClientSession:
                     out = batches.get(upstream)
                     if out is None:
                         out = batches[upstream] = bytearray()
-                    out += pack_header(frame_type, link.upstream_channel, end - start)
-                    out += view[start : end + 1]
+                    if link.upstream_channel == channel:
+                        out += view[frame_start:pos]
+                    else:
+                        out += pack_header(frame_type, link.upstream_channel, size)
+                        out += view[start:pos]
             reader.compact()
             self._flush()
 

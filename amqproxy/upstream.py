@@ -23,10 +23,12 @@ from .metrics import BYTES, FORWARD_LATENCY_C2U, FRAMES, UPSTREAM_TO_CLIENT
 from .outbox import Outbox
 from .protocol import constants as c
 from .protocol.codec import DecodeError, decode_method, encode_method
+from .protocol.constants import FRAME_END
 from .protocol.errors import ProtocolError
 from .protocol.frames import (
     FRAME_HEADER_STRUCT,
     HEARTBEAT_FRAME,
+    VALID_FRAME_TYPES,
     FrameReader,
     append_split_body,
     method_frame,
@@ -254,7 +256,9 @@ class Upstream:
         if not self.has_room:
             return False
         channel_max = self.channel_max
-        candidate = self._next_channel
+        # The client's own channel id when it is free: frames then cross verbatim, no rewrite.
+        wanted = link.client_channel
+        candidate = wanted if 0 < wanted <= channel_max and wanted not in self.links else self._next_channel
         for _ in range(channel_max):
             if candidate > channel_max:
                 candidate = 1
@@ -336,7 +340,10 @@ class Upstream:
         reader = FrameReader(self.frame_max)
         links = self.links
         pack_header = FRAME_HEADER_STRUCT.pack
+        frame_header = FRAME_HEADER_STRUCT.unpack_from
         unpack_method = _METHOD_ID.unpack_from
+        valid_types = VALID_FRAME_TYPES
+        max_frame = self.frame_max
         frame_counts = FRAMES[UPSTREAM_TO_CLIENT]
         byte_counts = BYTES[UPSTREAM_TO_CLIENT]
         try:
@@ -348,11 +355,29 @@ class Upstream:
                 reader.feed(data)
                 batches: dict[ClientSession, bytearray] = {}
                 buf = reader.buffer
+                available = len(buf)
+                pos = reader.pos
+                # Frames whose channel id is the same on both legs are copied verbatim, a whole
+                # contiguous run for one client at a time: [run_start, run_end) for run_client.
+                run_client: ClientSession | None = None
+                run_start = run_end = 0
                 with memoryview(buf) as view:
-                    while (frame := reader.next_frame()) is not None:
-                        frame_type, channel, start, end = frame
+                    while available - pos >= 7:
+                        frame_type, channel, size = frame_header(buf, pos)
+                        end = pos + 7 + size
+                        if frame_type not in valid_types or size + 8 > max_frame:
+                            reader.pos = pos
+                            reader.next_frame()  # raises the precise framing error
+                        if end >= available:
+                            break
+                        if buf[end] != FRAME_END:
+                            reader.pos = pos
+                            reader.next_frame()
+                        frame_start = pos
+                        start = pos + 7
+                        pos = end + 1
                         frame_counts[frame_type] += 1
-                        byte_counts[frame_type] += end - start + 8
+                        byte_counts[frame_type] += size + 8
                         if channel == 0:
                             self._on_connection_frame(frame_type, view[start:end])
                             continue
@@ -373,15 +398,37 @@ class Upstream:
                         client = link.client
                         if client is None or client.closing:
                             continue
+                        if link.client_channel == channel and (frame_type != c.FRAME_BODY or size <= client.max_body):
+                            if client is run_client and frame_start == run_end:
+                                run_end = pos
+                                continue
+                            if run_client is not None:
+                                out = batches.get(run_client)
+                                if out is None:
+                                    out = batches[run_client] = bytearray()
+                                out += view[run_start:run_end]
+                            run_client, run_start, run_end = client, frame_start, pos
+                            continue
+                        if run_client is not None:  # keep each client's frames in order
+                            out = batches.get(run_client)
+                            if out is None:
+                                out = batches[run_client] = bytearray()
+                            out += view[run_start:run_end]
+                            run_client = None
                         out = batches.get(client)
                         if out is None:
                             out = batches[client] = bytearray()
-                        size = end - start
                         if frame_type == c.FRAME_BODY and size > client.max_body:
                             append_split_body(out, link.client_channel, view[start:end], client.max_body)
                         else:
                             out += pack_header(frame_type, link.client_channel, size)
                             out += view[start : end + 1]
+                    if run_client is not None:
+                        out = batches.get(run_client)
+                        if out is None:
+                            out = batches[run_client] = bytearray()
+                        out += view[run_start:run_end]
+                reader.pos = pos
                 reader.compact()
                 for client, out in batches.items():
                     client.deliver(out, received_at)

@@ -22,7 +22,7 @@ from .errors import ProtocolError
 
 FRAME_HEADER_STRUCT = struct.Struct(">BHI")
 _CONTENT_HEADER_PREFIX = struct.Struct(">HHQ")  # class id, weight, body size
-_VALID_TYPES = frozenset((FRAME_METHOD, FRAME_HEADER, FRAME_BODY, FRAME_HEARTBEAT))
+VALID_FRAME_TYPES = frozenset((FRAME_METHOD, FRAME_HEADER, FRAME_BODY, FRAME_HEARTBEAT))
 
 HEARTBEAT_FRAME = FRAME_HEADER_STRUCT.pack(FRAME_HEARTBEAT, 0, 0) + FRAME_END_BYTE
 
@@ -36,13 +36,16 @@ class FrameReader:
     Usage: ``feed(data)`` then call ``next_frame()`` until it returns None, then ``compact()``.
     A frame is returned as (type, channel, payload_start, payload_end) into ``buffer``;
     the raw frame spans ``payload_start - 7`` to ``payload_end + 1``.
+
+    The forwarding loops scan ``buffer`` from ``pos`` inline (a method call per frame is a
+    large share of their cost) and call ``next_frame()`` only to raise the precise error.
     """
 
-    __slots__ = ("buffer", "_pos", "max_frame_size")
+    __slots__ = ("buffer", "pos", "max_frame_size")
 
     def __init__(self, max_frame_size: int) -> None:
         self.buffer = bytearray()
-        self._pos = 0
+        self.pos = 0
         self.max_frame_size = max_frame_size
 
     def feed(self, data: bytes) -> None:
@@ -50,15 +53,15 @@ class FrameReader:
 
     def pending(self) -> int:
         """Bytes received but not yet returned as frames."""
-        return len(self.buffer) - self._pos
+        return len(self.buffer) - self.pos
 
     def next_frame(self) -> tuple[int, int, int, int] | None:
         buf = self.buffer
-        pos = self._pos
+        pos = self.pos
         if len(buf) - pos < FRAME_HEADER_SIZE:
             return None
         frame_type, channel, size = FRAME_HEADER_STRUCT.unpack_from(buf, pos)
-        if frame_type not in _VALID_TYPES:
+        if frame_type not in VALID_FRAME_TYPES:
             raise FrameError(501, f"unknown frame type {frame_type}")
         if size + FRAME_OVERHEAD > self.max_frame_size:
             raise FrameError(
@@ -70,7 +73,7 @@ class FrameReader:
             return None
         if buf[end] != FRAME_END:
             raise FrameError(501, f"bad frame end octet {buf[end]:#04x}")
-        self._pos = end + 1
+        self.pos = end + 1
         return frame_type, channel, pos + FRAME_HEADER_SIZE, end
 
     def unshare(self) -> None:
@@ -83,12 +86,12 @@ class FrameReader:
 
     def compact(self) -> None:
         """Drop consumed bytes; cheap when everything was consumed (the common case)."""
-        if self._pos:
-            if self._pos == len(self.buffer):
+        if self.pos:
+            if self.pos == len(self.buffer):
                 self.buffer.clear()
             else:
-                del self.buffer[: self._pos]
-            self._pos = 0
+                del self.buffer[: self.pos]
+            self.pos = 0
 
 
 def method_frame(channel: int, payload: bytes) -> bytes:
