@@ -61,6 +61,10 @@ class AdminServer:
             "/connections/": {"GET": (self._connection, False), "DELETE": (self._kill_connection, True)},
             "/upstreams": {"GET": (self._upstreams, False)},
             "/log-level": {"GET": (self._get_log_level, False), "PUT": (self._set_log_level, True)},
+            "/reload": {"POST": (self._reload, True)},
+            "/vhosts": {"GET": (self._paused_vhosts, False)},
+            "/vhosts/pause": {"POST": (self._pause, True)},
+            "/vhosts/resume": {"POST": (self._resume, True)},
             "/debug/greenlets": {"GET": (self._greenlets, True)},
             "/debug/profile": {"GET": (self._profile, True)},
         }
@@ -272,6 +276,27 @@ class AdminServer:
 
     # ------------------------------------------------------------------ runtime controls and debugging
 
+    def _reload(self, start_response: StartResponse, query: dict[str, str], environ: dict[str, Any]) -> Iterable[bytes]:
+        result = self.proxy.reload("admin API")
+        status = "400 Bad Request" if result["result"] == "rejected" else "200 OK"
+        return _json(start_response, status, result)
+
+    def _paused_vhosts(
+        self, start_response: StartResponse, query: dict[str, str], environ: dict[str, Any]
+    ) -> Iterable[bytes]:
+        return _json(start_response, "200 OK", {"paused": sorted(self.proxy.paused_vhosts())})
+
+    def _pause(self, start_response: StartResponse, query: dict[str, str], environ: dict[str, Any]) -> Iterable[bytes]:
+        """POST /vhosts/pause?vhost=<vhost>: hold that vhost's new clients at Connection.Open."""
+        vhost = _vhost_argument(query)
+        self.proxy.pause(vhost)
+        return _json(start_response, "200 OK", {"vhost": vhost, "paused": True})
+
+    def _resume(self, start_response: StartResponse, query: dict[str, str], environ: dict[str, Any]) -> Iterable[bytes]:
+        vhost = _vhost_argument(query)
+        self.proxy.resume(vhost)
+        return _json(start_response, "200 OK", {"vhost": vhost, "paused": False})
+
     def _get_log_level(
         self, start_response: StartResponse, query: dict[str, str], environ: dict[str, Any]
     ) -> Iterable[bytes]:
@@ -358,6 +383,12 @@ def _sample_stacks(seconds: float) -> dict[str, Any]:
         "self": [{"function": f, "share": round(n / samples, 4)} for f, n in own.most_common(40)],
         "inclusive": [{"function": f, "share": round(n / samples, 4)} for f, n in inclusive.most_common(40)],
     }
+
+
+def _vhost_argument(query: dict[str, str]) -> str:
+    if "vhost" not in query:
+        raise HTTPError("400 Bad Request", "give the vhost as ?vhost=<name> (percent-encoded, e.g. %2F for /)")
+    return query["vhost"]
 
 
 def _describe(session: ClientSession) -> dict[str, Any]:

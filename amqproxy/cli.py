@@ -13,9 +13,24 @@ from .config import ConfigError, fail, parse_config  # noqa: E402
 from .logsetup import setup_logging  # noqa: E402
 
 
-def main(argv: list[str] | None = None) -> int:
+def check_config(argv: list[str]) -> int:
+    """`amqproxy check-config [options]`: validate flags, env vars and config file; print every problem."""
     try:
-        config = parse_config(sys.argv[1:] if argv is None else argv)
+        parse_config(argv)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"amqproxy: error: {problem}", file=sys.stderr)
+        return 2
+    print("configuration ok")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["check-config"]:
+        return check_config(args[1:])
+    try:
+        config = parse_config(args)
     except ConfigError as exc:
         fail(str(exc))
     setup_logging(config.log_level, config.log_format)

@@ -135,7 +135,8 @@ class ClientSession:
                 # The client's own steps have --handshake-timeout (see _handshake_recv); waiting for
                 # an upstream, which the client cannot help, has --connect-timeout. This outer
                 # bound is only a safety net over both.
-                bound = self.config.handshake_timeout + self.config.connect_timeout + _CLOSE_OK_WAIT
+                cfg = self.config
+                bound = cfg.handshake_timeout + 2 * cfg.connect_timeout + cfg.pause_timeout + _CLOSE_OK_WAIT
                 with gevent.Timeout(bound, _Refused("handshake timeout")):
                     self._handshake()
             except _Refused as exc:
@@ -366,6 +367,14 @@ class ClientSession:
         finally:
             self._handshake_deadline += time.monotonic() - started
 
+    def _paused_wait(self, vhost: str) -> bool:
+        """Hold the client while its vhost is paused; the wait is not the client's handshake time."""
+        started = time.monotonic()
+        try:
+            return self.proxy.wait_if_paused(vhost)
+        finally:
+            self._handshake_deadline += time.monotonic() - started
+
     def _handshake(self) -> None:
         self._handshake_deadline = time.monotonic() + self.config.handshake_timeout
         header = b""
@@ -418,6 +427,13 @@ class ClientSession:
         self.heartbeat = tune_ok["heartbeat"]
         open_args = self._read_handshake_method(c.CONNECTION_OPEN)
         vhost = open_args["virtual_host"]
+        if not self._paused_wait(vhost):
+            self._refuse(
+                c.CONNECTION_FORCED,
+                f"CONNECTION_FORCED - vhost '{vhost}' is paused for maintenance",
+                c.CONNECTION_OPEN,
+                "paused",
+            )
         try:
             self._upstream_wait(self.pool.open_vhost, credentials, vhost)
         except UpstreamError as exc:

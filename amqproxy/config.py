@@ -17,7 +17,11 @@ import configargparse
 
 
 class ConfigError(ValueError):
-    """An option has an invalid value; the message names the option."""
+    """Options have invalid values; each message names its option (`problems` lists them all)."""
+
+    def __init__(self, message: str, problems: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.problems = problems or [message]
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,8 @@ class Config:
     client_buffer: int = 64 * 1024 * 1024
     upstream_buffer: int = 4 * 1024 * 1024
     backlog: int = 1024
+    drain_timeout: float = 30.0
+    pause_timeout: float = 60.0
     node_strategy: str = "round-robin"
     channel_placement: str = "fill"
     separate_publishers: bool = True
@@ -71,6 +77,8 @@ class Config:
     breaker_max_open_percent: float = 50.0
     breaker_all_open: str = "fail-fast"
     admin_token: str = ""
+    # Where this configuration came from (argv, env), so that a reload reads the same sources.
+    sources: tuple[list[str] | None, dict[str, str] | None] = (None, None)
 
 
 # ---------------------------------------------------------------------------- value parsers
@@ -201,6 +209,7 @@ class Option:
     help: str
     metavar: str = ""
     repeatable: bool = False
+    reloadable: bool = True  # applied live by a reload (SIGHUP, POST /reload); else needs a restart
 
     @property
     def flag(self) -> str:
@@ -220,7 +229,9 @@ def _token(value: str) -> str:
 
 
 OPTIONS: tuple[Option, ...] = (
-    Option("listen", parse_hostport, "127.0.0.1:5673", "AMQP listen address for clients", "HOST:PORT"),
+    Option(
+        "listen", parse_hostport, "127.0.0.1:5673", "AMQP listen address for clients", "HOST:PORT", reloadable=False
+    ),
     Option(
         "upstream",
         parse_node,
@@ -235,6 +246,7 @@ OPTIONS: tuple[Option, ...] = (
         "127.0.0.1:15673",
         "admin HTTP address (/healthz, /metrics); 'off' disables it",
         "HOST:PORT",
+        reloadable=False,
     ),
     Option("log_level", _choice("debug", "info", "warning", "error"), "info", "log level", "LEVEL"),
     Option(
@@ -290,7 +302,21 @@ OPTIONS: tuple[Option, ...] = (
         "bytes waiting for an upstream before publishing clients stop being read (backpressure)",
         "BYTES",
     ),
-    Option("backlog", _positive_int, "1024", "listen backlog of the client socket", "N"),
+    Option("backlog", _positive_int, "1024", "listen backlog of the client socket", "N", reloadable=False),
+    Option(
+        "drain_timeout",
+        _non_negative_float,
+        "30",
+        "on SIGTERM/SIGINT, how long clients may finish on their own before they get 320 (seconds)",
+        "SECONDS",
+    ),
+    Option(
+        "pause_timeout",
+        _positive_float,
+        "60",
+        "how long a new client of a paused vhost is held at Connection.Open before it gets 320",
+        "SECONDS",
+    ),
     Option(
         "node_strategy",
         _choice("round-robin", "least-connections", "random"),
@@ -427,6 +453,8 @@ def parse_config(argv: list[str] | None = None, env: dict[str, str] | None = Non
     except (OSError, configargparse.ConfigFileParserException) as exc:
         raise ConfigError(f"--config: {exc}") from exc
     config = Config()
+    config.sources = (list(argv) if argv is not None else None, env)
+    problems = []
     for option in OPTIONS:
         raw = getattr(namespace, option.name)
         if raw is None:
@@ -436,16 +464,30 @@ def parse_config(argv: list[str] | None = None, env: dict[str, str] | None = Non
             values = raw if isinstance(raw, list) else [raw]
             items = [item for value in values for item in _split_list(value)]
             if not items:
-                raise ConfigError(f"{option.flag}: at least one value is required")
+                problems.append(f"{option.flag}: at least one value is required")
+                continue
         parsed = []
         for item in items:
             try:
                 parsed.append(option.parse(item))
             except ValueError as exc:
                 shown = _redact(item) if option.name == "upstream" else item
-                raise ConfigError(f"{option.flag}: invalid value {shown!r}: {exc}") from None
-        setattr(config, option.name, parsed if option.repeatable else parsed[0])
+                problems.append(f"{option.flag}: invalid value {shown!r}: {exc}")
+                break
+        else:
+            setattr(config, option.name, parsed if option.repeatable else parsed[0])
+    if problems:
+        raise ConfigError(problems[0], problems)
     return config
+
+
+def restart_only_changes(old: Config, new: Config) -> list[str]:
+    """Flags whose new value a reload cannot apply: they need a restart."""
+    return [
+        option.flag
+        for option in OPTIONS
+        if not option.reloadable and getattr(old, option.name) != getattr(new, option.name)
+    ]
 
 
 def _split_list(value: str) -> list[str]:
@@ -471,11 +513,16 @@ def fail(message: str) -> None:
 
 def options_markdown() -> str:
     """The README's option table, generated so that docs and code cannot drift."""
-    rows = ["| flag | env var | config key | default | meaning |", "|---|---|---|---|---|"]
-    rows.append("| `--config FILE` | `AMQPROXY_CONFIG` | | none | config file of `key = value` lines |")
+    rows = [
+        "| flag | env var | config key | default | reload | meaning |",
+        "|---|---|---|---|---|---|",
+        "| `--config FILE` | `AMQPROXY_CONFIG` | | none | restart | config file of `key = value` lines |",
+    ]
     for option in OPTIONS:
         flag = f"`{option.flag} {option.metavar}`" if option.metavar else f"`{option.flag}`"
-        rows.append(f"| {flag} | `{option.env}` | `{option.config_key}` | `{option.default}` | {option.help} |")
+        reload = "live" if option.reloadable else "restart"
+        default = f"`{option.default}`" if option.default else "(empty)"
+        rows.append(f"| {flag} | `{option.env}` | `{option.config_key}` | {default} | {reload} | {option.help} |")
     return "\n".join(rows) + "\n"
 
 

@@ -87,6 +87,9 @@ UPSTREAM_CONNECT_ATTEMPTS = Counter(
 BREAKER_TRANSITIONS = Counter(
     "amqproxy_breaker_transitions_total", "Circuit breaker state changes", ["node", "from", "to"]
 )
+RELOADS = Counter(
+    "amqproxy_config_reloads_total", "Configuration reloads by result: applied, needs_restart, rejected", ["result"]
+)
 HANDSHAKE_DURATION = Histogram(
     "amqproxy_handshake_duration_seconds",
     "Client connect to Connection.OpenOk",

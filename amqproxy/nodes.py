@@ -175,6 +175,26 @@ class NodeSet:
 
         return NodeState(node, CircuitBreaker(self._breaker_policy, changed, self._clock, self._rng.random))
 
+    def reconfigure(
+        self, nodes: list[Node], strategy: str, breaker_policy: BreakerPolicy, max_open_percent: float
+    ) -> tuple[list[Node], list[Node]]:
+        """Apply a reloaded node list and settings; returns (added, retired) nodes.
+
+        Removed nodes are retired, not dropped: they take no new connections and their
+        connections close once empty, so their clients are not cut off."""
+        self.strategy = strategy
+        self.max_open_percent = max_open_percent
+        self._breaker_policy = breaker_policy
+        for state in self.states:
+            state.breaker.policy = breaker_policy
+        known = {state.node: state for state in self.states}
+        added = [node for node in nodes if node not in known]
+        retired = [state.node for state in self.states if state.node not in nodes and not state.retired]
+        for state in self.states:
+            state.retired = state.node not in nodes
+        self.states.extend(self._make_state(node) for node in added)
+        return added, retired
+
     def state_of(self, node: Node) -> NodeState:
         for state in self.states:
             if state.node == node:

@@ -60,14 +60,7 @@ class Pool:
         self.nodes = NodeSet(
             config.upstream,
             config.node_strategy,
-            BreakerPolicy(
-                failures=config.breaker_failures,
-                failure_ratio=config.breaker_failure_ratio,
-                window=config.breaker_window,
-                min_requests=config.breaker_min_requests,
-                open_time=config.breaker_open_time,
-                open_time_max=config.breaker_open_max,
-            ),
+            _breaker_policy(config),
             config.breaker_max_open_percent,
             on_breaker_change=self._breaker_changed,
         )
@@ -382,7 +375,9 @@ class Pool:
             idle = [u for u in ups if u.state == "open" and not u.links]
             keep = cfg.min_idle_upstreams
             for upstream in idle:
-                if cfg.upstream_max_age and now - upstream.created > cfg.upstream_max_age:
+                if self.nodes.state_of(upstream.node).retired:
+                    upstream.close("node removed from the configuration", "retired")
+                elif cfg.upstream_max_age and now - upstream.created > cfg.upstream_max_age:
                     upstream.close("maximum age reached", "max_age")
                 elif now - upstream.idle_since > cfg.idle_timeout and len(idle) > keep:
                     idle.remove(upstream)
@@ -406,6 +401,23 @@ class Pool:
         for upstream in self.all_upstreams():
             upstream.links.clear()
             upstream.close(reason, "shutdown", grace=2.0)
+
+    def reconfigure(self, config: Config) -> None:
+        """A reloaded configuration: new settings for new work; removed nodes retire gracefully."""
+        self.config = config
+        self.backoff = BackoffPolicy(config.backoff_initial, config.backoff_max, config.backoff_multiplier)
+        added, retired = self.nodes.reconfigure(
+            config.upstream, config.node_strategy, _breaker_policy(config), config.breaker_max_open_percent
+        )
+        if added or retired:
+            log.warning(
+                "upstream nodes changed",
+                extra={
+                    "event": "nodes_changed",
+                    "added": [n.label for n in added],
+                    "retired": [n.label for n in retired],
+                },
+            )
 
     def ready(self) -> bool:
         return not self.stopping and self.nodes.usable()
@@ -434,3 +446,14 @@ class _KeyedLock:
         users[0] -= 1
         if not users[0]:
             del self._locks[self._key]
+
+
+def _breaker_policy(config: Config) -> BreakerPolicy:
+    return BreakerPolicy(
+        failures=config.breaker_failures,
+        failure_ratio=config.breaker_failure_ratio,
+        window=config.breaker_window,
+        min_requests=config.breaker_min_requests,
+        open_time=config.breaker_open_time,
+        open_time_max=config.breaker_open_max,
+    )

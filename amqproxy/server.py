@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import time
+from typing import Any
 
 import gevent
 from gevent.event import Event
@@ -20,8 +21,9 @@ from gevent.server import StreamServer
 from . import __version__
 from .admin import AdminServer
 from .client import ClientSession
-from .config import Config
-from .metrics import Metrics
+from .config import OPTIONS, Config, ConfigError, parse_config, restart_only_changes
+from .logsetup import setup_logging
+from .metrics import RELOADS, Metrics
 from .pool import Pool
 from .protocol import constants as c
 
@@ -29,6 +31,7 @@ log = logging.getLogger("amqproxy.server")
 
 JANITOR_INTERVAL = 1.0
 SHUTDOWN_GRACE = 3.0
+DRAIN_REPORT_INTERVAL = 5.0
 
 
 class Proxy:
@@ -38,6 +41,7 @@ class Proxy:
         self.pool = Pool(config, self.metrics)
         self.sessions: set[ClientSession] = set()
         self.stopping = False
+        self._paused: dict[str, Event] = {}  # vhost -> event set on resume
         self._stopped = Event()
         self._server: StreamServer | None = None
         self._admin: AdminServer | None = None
@@ -72,20 +76,54 @@ class Proxy:
     def serve_forever(self) -> None:
         gevent.signal_handler(signal.SIGTERM, self.stop, "SIGTERM")
         gevent.signal_handler(signal.SIGINT, self.stop, "SIGINT")
+        gevent.signal_handler(signal.SIGHUP, self._reload_on_signal)
         self._stopped.wait()
 
     def stop(self, why: str = "stop") -> None:
-        """Stop accepting, close every client with 320, close upstreams with 200, then return."""
+        """Drain: stop accepting, let clients finish for --drain-timeout, then 320 to the rest,
+        close upstreams with 200 and return. A second signal exits at once."""
         if self.stopping:
             log.warning("second stop signal: exiting now", extra={"event": "stop_forced"})
+            logging.shutdown()
             os._exit(1)
         self.stopping = True
-        log.info("amqproxy stopping", extra={"event": "stop", "signal": why, "clients": len(self.sessions)})
-        gevent.spawn(self._stop)
+        gevent.spawn(self._stop, why)
 
-    def _stop(self) -> None:
+    def _stop(self, why: str) -> None:
         if self._server is not None:
-            self._server.close()
+            self._server.close()  # no new clients; /readyz answers 503 from now on
+        log.info(
+            "amqproxy draining",
+            extra={
+                "event": "drain_start",
+                "signal": why,
+                "clients": len(self.sessions),
+                "channels": self._channel_count(),
+                "drain_timeout_s": self.config.drain_timeout,
+            },
+        )
+        now = time.monotonic()
+        deadline = now + self.config.drain_timeout
+        next_report = now + DRAIN_REPORT_INTERVAL
+        while self.sessions and now < deadline:
+            gevent.sleep(0.05)
+            now = time.monotonic()
+            if now >= next_report:
+                next_report = now + DRAIN_REPORT_INTERVAL
+                log.info(
+                    "draining",
+                    extra={
+                        "event": "drain_progress",
+                        "clients": len(self.sessions),
+                        "channels": self._channel_count(),
+                        "remaining_s": round(max(0.0, deadline - now), 1),
+                    },
+                )
+        if self.sessions:
+            log.info(
+                "drain timeout: closing the remaining clients",
+                extra={"event": "drain_timeout", "clients": len(self.sessions)},
+            )
         for session in list(self.sessions):
             session.close_connection(c.CONNECTION_FORCED, "CONNECTION_FORCED - proxy shutting down", kind="shutdown")
         deadline = time.monotonic() + SHUTDOWN_GRACE + 1
@@ -99,7 +137,73 @@ class Proxy:
             self._admin.stop()
         if self._janitor is not None:
             self._janitor.kill(block=False)
+        log.info("amqproxy stopped", extra={"event": "stopped"})
         self._stopped.set()
+
+    def _channel_count(self) -> int:
+        return sum(len(session.channels) for session in list(self.sessions))
+
+    # ------------------------------------------------------------------ pause / resume
+
+    def pause(self, vhost: str) -> None:
+        """Hold new clients of `vhost` at Connection.Open (bounded by --pause-timeout); existing
+        clients carry on. For broker maintenance without errors."""
+        if vhost not in self._paused:
+            self._paused[vhost] = Event()
+            log.warning("vhost paused", extra={"event": "vhost_pause", "vhost": vhost})
+
+    def resume(self, vhost: str) -> None:
+        event = self._paused.pop(vhost, None)
+        if event is not None:
+            event.set()
+            log.warning("vhost resumed", extra={"event": "vhost_resume", "vhost": vhost})
+
+    def paused_vhosts(self) -> list[str]:
+        return list(self._paused)
+
+    def wait_if_paused(self, vhost: str) -> bool:
+        """Called at a client's Connection.Open: False if the vhost stayed paused for too long."""
+        event = self._paused.get(vhost)
+        if event is None:
+            return True
+        return bool(event.wait(self.config.pause_timeout))
+
+    # ------------------------------------------------------------------ reload
+
+    def _reload_on_signal(self) -> None:
+        gevent.spawn(self.reload, "SIGHUP")
+
+    def reload(self, origin: str) -> dict[str, Any]:
+        """Re-read the configuration from its sources; apply it only if all of it is valid.
+
+        Returns {"result": applied | needs_restart | rejected, ...}. Options that need a restart
+        keep their running value and are listed; everything else changes live (new clients and
+        connections see it; limits, nodes, breakers and log level at once)."""
+        argv, env = self.config.sources
+        try:
+            new = parse_config(argv, env)
+        except ConfigError as exc:
+            RELOADS.labels("rejected").inc()
+            log.error(
+                "configuration reload rejected; the running configuration stays",
+                extra={"event": "reload", "origin": origin, "result": "rejected", "problems": exc.problems},
+            )
+            return {"result": "rejected", "problems": exc.problems, "needs_restart": []}
+        restart = restart_only_changes(self.config, new)
+        for option in OPTIONS:
+            if not option.reloadable:
+                setattr(new, option.name, getattr(self.config, option.name))
+        changed = [o.flag for o in OPTIONS if getattr(self.config, o.name) != getattr(new, o.name)]
+        self.config = new
+        self.pool.reconfigure(new)
+        setup_logging(new.log_level, new.log_format)
+        result = "needs_restart" if restart else "applied"
+        RELOADS.labels(result).inc()
+        log.warning(
+            "configuration reloaded",
+            extra={"event": "reload", "origin": origin, "result": result, "changed": changed, "needs_restart": restart},
+        )
+        return {"result": result, "changed": changed, "needs_restart": restart, "problems": []}
 
     # ------------------------------------------------------------------ clients
 
@@ -132,6 +236,9 @@ def _listen(address: tuple[str, int], backlog: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if hasattr(socket, "SO_REUSEPORT"):
+        # A new instance can bind the same port while this one drains (zero-downtime restarts).
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
     sock.listen(backlog)
     sock.setblocking(False)

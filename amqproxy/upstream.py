@@ -249,6 +249,8 @@ class Upstream:
         max_age = self.pool.config.upstream_max_age
         if max_age and now - self.created > max_age:
             return False
+        if self.pool.nodes.state_of(self.node).retired:
+            return False
         return self.role is None or self.role == role
 
     def attach(self, link: Link, role: str | None = None) -> bool:

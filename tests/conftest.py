@@ -179,7 +179,7 @@ class ProxyStartError(RuntimeError):
 class ProxyProcess:
     """An amqproxy subprocess with its own ports and log file."""
 
-    def __init__(self, log_path: Path, extra_args=(), upstream: str = UPSTREAM_URL):
+    def __init__(self, log_path: Path, extra_args=(), upstream: str | None = UPSTREAM_URL):
         self.host = "127.0.0.1"
         self.port = free_port()
         self.http_port = free_port()
@@ -202,7 +202,7 @@ class ProxyProcess:
             "amqproxy",
             "--listen",
             f"{self.host}:{self.port}",
-            *([] if upstream_given else ["--upstream", self.upstream]),
+            *([] if upstream_given or self.upstream is None else ["--upstream", self.upstream]),
             "--http-listen",
             f"{self.host}:{self.http_port}",
             "--log-format",
@@ -935,7 +935,7 @@ def proxy_factory(request, tmp_path):
         pytest.skip("proxy not in AMQPROXY_TEST_TARGETS")
     started: list[ProxyProcess] = []
 
-    def start(*extra_args: str, wait: bool = True, upstream: str = UPSTREAM_URL) -> ProxyProcess:
+    def start(*extra_args: str, wait: bool = True, upstream: str | None = UPSTREAM_URL) -> ProxyProcess:
         proc = ProxyProcess(tmp_path / f"proxy-{len(started) + 1}.log", extra_args, upstream=upstream)
         started.append(proc)
         _record_proxy(request, proc)

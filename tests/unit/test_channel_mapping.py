@@ -5,12 +5,15 @@ from types import SimpleNamespace
 from amqproxy.channel import Link
 from amqproxy.config import Config, Node
 from amqproxy.exclusive import ExclusiveQueues
+from amqproxy.nodes import BreakerPolicy, NodeSet
 from amqproxy.protocol.handshake import Credentials
 from amqproxy.upstream import Upstream
 
 
 def make_upstream(channel_max=3):
-    pool = SimpleNamespace(config=Config(), pid=1, exclusive=ExclusiveQueues(), forget=lambda u: None)
+    config = Config()
+    nodes = NodeSet(config.upstream, "round-robin", BreakerPolicy(), 50)
+    pool = SimpleNamespace(config=config, pid=1, exclusive=ExclusiveQueues(), forget=lambda u: None, nodes=nodes)
     pool.upstream_gone = lambda u, unexpected, wanted: None
     upstream = Upstream(pool, Node("127.0.0.1", 5672, False), Credentials("guest", "guest"), 1)
     upstream.state = "open"

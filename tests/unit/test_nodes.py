@@ -1,0 +1,123 @@
+"""Circuit breakers, backoff and node choice, with a fake clock and fixed randomness."""
+
+import random
+
+from amqproxy.config import Node
+from amqproxy.nodes import BackoffPolicy, BreakerPolicy, CircuitBreaker, NodeSet
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def breaker(clock, **policy):
+    changes = []
+    b = CircuitBreaker(
+        BreakerPolicy(jitter=0.0, **policy), lambda old, new: changes.append((old, new)), clock, lambda: 0.5
+    )
+    return b, changes
+
+
+def test_consecutive_failures_open_then_half_open_probe_closes():
+    clock = Clock()
+    b, changes = breaker(clock, failures=3, open_time=5)
+    for _ in range(2):
+        b.record_failure()
+    assert b.state == "closed" and b.allows_attempt()
+    b.record_failure()
+    assert b.state == "open" and not b.allows_attempt()
+    clock.now += 5
+    assert b.allows_attempt()  # half-open: exactly one probe
+    assert b.state == "half-open" and not b.allows_attempt()
+    b.record_success()
+    assert b.state == "closed" and b.allows_attempt()
+    assert changes == [("closed", "open"), ("open", "half-open"), ("half-open", "closed")]
+
+
+def test_failed_probe_reopens_for_longer_up_to_the_cap():
+    clock = Clock()
+    b, _ = breaker(clock, failures=1, open_time=5, open_time_max=12)
+    periods = []
+    b.record_failure()
+    for _ in range(4):
+        periods.append(b.open_until - clock.now)
+        clock.now = b.open_until
+        assert b.allows_attempt()
+        b.record_failure()
+    assert periods == [5, 10, 12, 12]
+
+
+def test_failure_ratio_over_the_window():
+    clock = Clock()
+    b, _ = breaker(clock, failures=100, failure_ratio=0.5, window=10, min_requests=4)
+    b.record_success()
+    b.record_failure()
+    b.record_failure()
+    assert b.state == "closed"  # 3 attempts: below min_requests
+    b.record_success()
+    b.record_failure()  # 3 failures of 5
+    assert b.state == "open"
+
+
+def test_old_events_leave_the_window():
+    clock = Clock()
+    b, _ = breaker(clock, failures=100, failure_ratio=0.5, window=10, min_requests=4)
+    for _ in range(3):
+        b.record_failure()
+    clock.now += 11
+    for _ in range(3):
+        b.record_success()
+    b.record_failure()
+    assert b.state == "closed"
+
+
+def test_backoff_grows_with_jitter_and_stays_capped():
+    delays = BackoffPolicy(initial=0.1, maximum=1.0, multiplier=2).delays(rng=lambda: 1.0)
+    assert [round(next(delays), 3) for _ in range(6)] == [0.1, 0.2, 0.4, 0.8, 1.0, 1.0]
+    low = BackoffPolicy(initial=0.1, maximum=1.0, multiplier=2).delays(rng=lambda: 0.0)
+    assert [round(next(low), 3) for _ in range(3)] == [0.05, 0.1, 0.2]
+
+
+def nodes(n, strategy="round-robin", percent=50):
+    return NodeSet([Node(f"h{i}", 5672, False) for i in range(n)], strategy, BreakerPolicy(failures=1, jitter=0.0),
+                   percent, clock=Clock(), rng=random.Random(1))  # fmt: skip
+
+
+def test_round_robin_rotates_and_skips_open_breakers():
+    ns = nodes(3)
+    firsts = [ns.candidates()[0].node.host for _ in range(4)]
+    assert firsts == ["h0", "h1", "h2", "h0"]
+    ns.record_failure(ns.states[1], "refused")
+    assert [s.node.host for s in ns.candidates()] in (["h2", "h0"], ["h0", "h2"])
+
+
+def test_least_connections():
+    ns = nodes(3, "least-connections")
+    ns.states[0].connections, ns.states[1].connections, ns.states[2].connections = 5, 1, 3
+    assert [s.node.host for s in ns.candidates()] == ["h1", "h2", "h0"]
+
+
+def test_open_breaker_cap_never_takes_every_node_out():
+    ns = nodes(2, percent=50)
+    ns.record_failure(ns.states[0], "refused")
+    ns.record_failure(ns.states[1], "refused")
+    assert [s.breaker.state for s in ns.states] == ["open", "closed"]
+    assert ns.usable() and not ns.all_open()
+
+
+def test_a_single_node_may_open_and_then_nothing_is_usable():
+    ns = nodes(1, percent=50)
+    ns.record_failure(ns.states[0], "refused")
+    assert ns.all_open() and not ns.usable() and ns.candidates() == []
+
+
+def test_reconfigure_retires_removed_nodes_and_adds_new_ones():
+    ns = nodes(2)
+    added, retired = ns.reconfigure([Node("h1", 5672, False), Node("h9", 5672, False)], "random", BreakerPolicy(), 50)
+    assert [n.host for n in added] == ["h9"] and [n.host for n in retired] == ["h0"]
+    assert {s.node.host for s in ns.candidates()} == {"h1", "h9"}
+    assert ns.state_of(Node("h0", 5672, False)).retired
