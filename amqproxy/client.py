@@ -685,18 +685,31 @@ class ClientSession:
         if method == c.CHANNEL_OPEN:
             raise ProtocolError(c.CHANNEL_ERROR, "second 'channel.open' seen", method)
         self._flush()  # placement may have to dial: what was read before goes first
+        self.throttled = True  # not reading the client meanwhile is our doing, not a missed heartbeat
         try:
-            self.pool.place(self, link, role_of(method))
+            opened = self.pool.place(self, link, role_of(method))
         except UpstreamError as exc:
             raise ProtocolError(
                 exc.reply_code or c.CONNECTION_FORCED, f"upstream unavailable: {exc.text}", method
             ) from exc
+        finally:
+            self.throttled = False
+            self.last_recv = time.monotonic()
         upstream = link.upstream
         assert upstream is not None
-        out = self._batches.get(upstream)
-        if out is None:
-            out = self._batches[upstream] = bytearray()
-        out += method_frame(link.upstream_channel, _CHANNEL_OPEN)
+        if self.closing or link.client is None:
+            # Closed by another greenlet while we waited: the channel is nobody's now.
+            link.client = None
+            if opened:
+                upstream.close_channel(link, 200, "client connection closed")
+            else:
+                upstream.release(link)
+            return False
+        if not opened:
+            out = self._batches.get(upstream)
+            if out is None:
+                out = self._batches[upstream] = bytearray()
+            out += method_frame(link.upstream_channel, _CHANNEL_OPEN)
         if upstream.blocked_reason is not None:
             self.upstream_blocked(upstream, upstream.blocked_reason)
         return True
@@ -745,6 +758,8 @@ class ClientSession:
                     link.pending_deletes.append(queue)
             elif method == c.BASIC_CONSUME and args["consumer_tag"]:
                 link.consumer_tags.add(args["consumer_tag"])
+        elif method == c.BASIC_CANCEL and args["nowait"]:
+            link.consumer_tags.discard(args["consumer_tag"])  # no cancel-ok will come
         return True
 
     def _on_client_channel_close(self, link: Link) -> None:
@@ -755,6 +770,8 @@ class ClientSession:
 
     def _on_closing_channel_method(self, link: Link, method: tuple[int, int]) -> None:
         """On a closing channel only Close and Close-Ok matter (spec 1.5.2.5); the rest is dropped."""
+        if link.client is None:
+            return  # the session was torn down meanwhile (e.g. while flushing); nothing is ours
         upstream = link.upstream
         if upstream is None:  # never placed: only the client side exists
             if method == c.CHANNEL_CLOSE_OK and link.c_close_sent:

@@ -64,7 +64,7 @@ class Config:
     max_upstreams: int = 0
     min_idle_upstreams: int = 0
     upstream_max_age: float = 0.0
-    upstream_check_interval: float = 30.0
+    upstream_check_interval: float = 0.0
     backoff_initial: float = 0.1
     backoff_max: float = 5.0
     backoff_multiplier: float = 2.0
@@ -363,8 +363,9 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "upstream_check_interval",
         _non_negative_float,
-        "30",
-        "a pooled connection silent for longer than this is verified with a round trip before reuse; 0 = always",
+        "0",
+        "a pooled connection silent for longer than this must answer a new channel's channel.open (a round "
+        "trip) before the client's method goes out; 0 = always; higher values pipeline channel.open",
         "SECONDS",
     ),
     Option("backoff_initial", _positive_float, "0.1", "first reconnect delay (seconds, with jitter)", "SECONDS"),

@@ -21,10 +21,11 @@ import itertools
 import logging
 import os
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import gevent
-from gevent.lock import BoundedSemaphore
+from gevent.event import AsyncResult
 
 from .exclusive import ExclusiveQueues
 from .nodes import BackoffPolicy, BreakerPolicy, NodeSet
@@ -68,7 +69,7 @@ class Pool:
         self._ids = itertools.count(1)
         self.upstreams: dict[PoolKey, list[Upstream]] = {}
         self._held: dict[tuple[str, str], list[Upstream]] = {}
-        self._locks: dict[object, tuple[BoundedSemaphore, list[int]]] = {}
+        self._flights: dict[tuple[str, ...], AsyncResult] = {}  # dials in progress, by purpose and key
         self._credentials: dict[PoolKey, Credentials] = {}  # keys seen, for background dialling
         self._replenishing: set[PoolKey] = set()
         self.exclusive = ExclusiveQueues()
@@ -88,11 +89,13 @@ class Pool:
         """
         if self._proven(credentials):
             return
-        with self._lock((credentials.username, credentials.password)):
-            if self._proven(credentials):
-                return
-            upstream = self._dial(credentials, None, deadline)
-            self._held.setdefault((credentials.username, credentials.password), []).append(upstream)
+
+        def login() -> None:
+            if not self._proven(credentials):
+                upstream = self._dial(credentials, None, deadline)
+                self._held.setdefault((credentials.username, credentials.password), []).append(upstream)
+
+        self._once(("login", credentials.username, credentials.password), login)
 
     def _proven(self, credentials: Credentials) -> bool:
         user, password = credentials.username, credentials.password
@@ -106,16 +109,15 @@ class Pool:
     def open_vhost(self, credentials: Credentials, vhost: str, deadline: float) -> None:
         """Make sure an open upstream exists for (user, password, vhost): proves vhost access."""
         key = (credentials.username, credentials.password, vhost)
-        self._credentials[key] = credentials
-        if self._usable(key):
-            return
-        with self._lock(key):
-            if self._usable(key):
-                return
-            upstream = self._take_held(credentials, vhost)
-            if upstream is None:
-                upstream = self._dial(credentials, vhost, deadline)
-            self.upstreams.setdefault(key, []).append(upstream)
+        if not self._usable(key):
+
+            def open_one() -> None:
+                if not self._usable(key):
+                    upstream = self._take_held(credentials, vhost) or self._dial(credentials, vhost, deadline)
+                    self.upstreams.setdefault(key, []).append(upstream)
+
+            self._once(("open", *key), open_one)
+        self._credentials[key] = credentials  # proven: worth re-dialling in the background
 
     def _usable(self, key: PoolKey) -> bool:
         return any(u.state == "open" for u in self.upstreams.get(key, ()))
@@ -138,8 +140,12 @@ class Pool:
 
     # ------------------------------------------------------------------ channels
 
-    def place(self, client: ClientSession, link: Link, role: str) -> None:
-        """Give a client channel a fresh channel on an upstream connection suited to its role."""
+    def place(self, client: ClientSession, link: Link, role: str) -> bool:
+        """Give a client channel a fresh channel on an upstream connection suited to its role.
+
+        Returns whether the upstream channel.open was already sent and answered (a connection
+        silent for longer than --upstream-check-interval must answer it before the client's
+        method goes out); otherwise the caller pipelines channel.open before the method."""
         if not self.config.separate_publishers:
             role = ROLE_ANY
         key = client.pool_key
@@ -147,30 +153,45 @@ class Pool:
         while True:
             upstream = self._choose(key, client, role)
             if upstream is None:
-                with self._lock(key):
-                    upstream = self._choose(key, client, role)
-                    if upstream is None:
-                        log.debug(
-                            "no pooled connection fits; dialling",
-                            extra={
-                                "event": "pool_dial",
-                                "vhost": key[2],
-                                "role": role,
-                                "connections": [
-                                    {"id": u.id, "state": u.state, "role": u.role, "channels": len(u.links)}
-                                    for u in self.upstreams.get(key, ())
-                                ],
-                            },
-                        )
-                        self._check_capacity(key)
-                        assert client.credentials is not None
-                        upstream = self._dial(client.credentials, key[2], deadline)
-                        self.upstreams.setdefault(key, []).append(upstream)
-            if self._verified(upstream) and upstream.attach(link, role):
+                self._once(("dial", *key, role), lambda: self._dial_for(key, client, role, deadline))
+                continue
+            verify = time.monotonic() - upstream.last_recv > self.config.upstream_check_interval
+            if upstream.attach(link, role):
                 client.preferred[role] = upstream
-                return
+                if not verify:
+                    return False
+                timeout = min(VERIFY_TIMEOUT, self.config.connect_timeout)
+                if upstream.open_channel(link, timeout):
+                    return True
+                upstream.fail(
+                    f"health check failed: no answer from {upstream.node.label} to channel.open within {timeout:g} s",
+                    kind="health_check",
+                )
+                raise UpstreamError(f"{upstream.node.label} did not answer within {timeout:g} s")
             if time.monotonic() > deadline:
                 raise UpstreamError(f"no healthy upstream connection for vhost '{key[2]}' within the connect timeout")
+
+    def _dial_for(self, key: PoolKey, client: ClientSession, role: str, deadline: float) -> None:
+        """No pooled connection fits a new channel: dial one (one dial per key and role at a time;
+        clients arriving meanwhile share its outcome)."""
+        if self._choose(key, client, role) is not None:
+            return
+        log.debug(
+            "no pooled connection fits; dialling",
+            extra={
+                "event": "pool_dial",
+                "vhost": key[2],
+                "role": role,
+                "connections": [
+                    {"id": u.id, "state": u.state, "role": u.role, "channels": len(u.links)}
+                    for u in self.upstreams.get(key, ())
+                ],
+            },
+        )
+        self._check_capacity(key)
+        assert client.credentials is not None
+        upstream = self._dial(client.credentials, key[2], deadline)
+        self.upstreams.setdefault(key, []).append(upstream)
 
     def _choose(self, key: PoolKey, client: ClientSession, role: str) -> Upstream | None:
         now = time.monotonic()
@@ -188,19 +209,6 @@ class Pool:
             return min(fitting, key=lambda u: len(u.links))
         # fill: the busiest connection that still has room, so the others can go idle
         return max(fitting, key=lambda u: len(u.links))
-
-    def _verified(self, upstream: Upstream) -> bool:
-        """A connection silent for longer than the check interval must answer a round trip first."""
-        interval = self.config.upstream_check_interval
-        if time.monotonic() - upstream.last_recv <= interval:
-            return True
-        if upstream.verify(VERIFY_TIMEOUT):
-            return True
-        upstream.fail(
-            f"health check failed: no answer from {upstream.node.label} within {VERIFY_TIMEOUT:g} s",
-            kind="health_check",
-        )
-        return False
 
     def _check_capacity(self, key: PoolKey) -> None:
         cfg = self.config
@@ -299,8 +307,24 @@ class Pool:
             self.metrics.upstream_connect(node.label, "success", time.monotonic() - started)
         return upstream
 
-    def _lock(self, key: object) -> _KeyedLock:
-        return _KeyedLock(self._locks, key)
+    def _once(self, key: tuple[str, ...], work: Callable[[], None]) -> None:
+        """Single flight: while `work` runs for `key`, other callers wait for it and share its
+        outcome (its exception included) instead of dialling again, so a burst of clients during
+        an outage is answered together, not one connect timeout after another."""
+        flight = self._flights.get(key)
+        if flight is not None:
+            flight.get()
+            return
+        flight = self._flights[key] = AsyncResult()
+        try:
+            work()
+        except BaseException as exc:
+            flight.set_exception(exc)
+            raise
+        else:
+            flight.set(None)
+        finally:
+            del self._flights[key]
 
     def _breaker_changed(self, node: Node, old: str, new: str) -> None:
         if self.metrics is not None:
@@ -332,7 +356,9 @@ class Pool:
         if key in self._replenishing or self.stopping:
             return
         self._replenishing.add(key)
-        gevent.spawn(self._replenish_loop, key)
+        # A closure, not spawn(f, key): greenlet listings (/debug/greenlets) show spawn arguments,
+        # and the key holds the password.
+        gevent.spawn(lambda: self._replenish_loop(key))
 
     def _replenish_loop(self, key: PoolKey) -> None:
         """Dial one replacement with backoff, for as long as the credential set has a use for it."""
@@ -340,14 +366,15 @@ class Pool:
             credentials = self._credentials[key]
             while not self.stopping and not self._usable(key):
                 try:
-                    with self._lock(key):
-                        if self._usable(key):
-                            return
-                        upstream = self._dial(credentials, key[2], time.monotonic() + self.config.idle_timeout)
-                        self.upstreams.setdefault(key, []).append(upstream)
+
+                    def redial() -> None:
+                        if not self._usable(key):
+                            deadline = time.monotonic() + self.config.idle_timeout
+                            self.upstreams.setdefault(key, []).append(self._dial(credentials, key[2], deadline))
+
+                    self._once(("open", *key), redial)
                     log.info(
-                        "upstream capacity re-established",
-                        extra={"event": "upstream_replenished", "node": upstream.node.label, "vhost": key[2]},
+                        "upstream capacity re-established", extra={"event": "upstream_replenished", "vhost": key[2]}
                     )
                     return
                 except UpstreamError as exc:
@@ -421,31 +448,6 @@ class Pool:
 
     def ready(self) -> bool:
         return not self.stopping and self.nodes.usable()
-
-
-class _KeyedLock:
-    """Serialise dialling per key; the entry lives only while someone holds or awaits it, so keys
-    never pile up (not even for a client trying password after password)."""
-
-    __slots__ = ("_locks", "_key")
-
-    def __init__(self, locks: dict[object, tuple[BoundedSemaphore, list[int]]], key: object) -> None:
-        self._locks = locks
-        self._key = key
-
-    def __enter__(self) -> None:
-        entry = self._locks.get(self._key)
-        if entry is None:
-            entry = self._locks[self._key] = (BoundedSemaphore(), [0])
-        entry[1][0] += 1
-        entry[0].acquire()
-
-    def __exit__(self, *exc: object) -> None:
-        lock, users = self._locks[self._key]
-        lock.release()
-        users[0] -= 1
-        if not users[0]:
-            del self._locks[self._key]
 
 
 def _breaker_policy(config: Config) -> BreakerPolicy:

@@ -282,19 +282,17 @@ class Upstream:
                 self.idle_since = time.monotonic()
                 self.role = None
 
-    def verify(self, timeout: float) -> bool:
-        """A cheap round trip (channel.open / open-ok on a service channel) proving the connection works."""
-        link = Link(None, 0, None, 0)
-        if not self.attach(link):
-            return True  # full: it is evidently in use
+    def open_channel(self, link: Link, timeout: float) -> bool:
+        """channel.open for an attached link, waiting for open-ok: a round trip proving the
+        connection answers. False when it does not within `timeout`."""
         link.waiter = AsyncResult()
         self.send_method(link.upstream_channel, c.CHANNEL_OPEN)
         try:
-            link.waiter.get(timeout=timeout)
+            return bool(link.waiter.get(timeout=timeout))  # False: the connection died meanwhile
         except gevent.Timeout:
             return False
-        self.close_channel(link, 200, "health check")
-        return True
+        finally:
+            link.waiter = None
 
     def send(self, data: bytes | bytearray, received_at: float = 0.0) -> None:
         if self.outbox is not None:
@@ -578,6 +576,9 @@ class Upstream:
         self.state = "closed"
         self.close_cause = cause
         clients = self.clients()
+        for link in self.links.values():
+            if link.waiter is not None:
+                link.waiter.set(False)
         self.links.clear()
         self.pool.upstream_gone(self, unexpected=was_open, wanted=bool(clients))
         if was_open:

@@ -8,6 +8,7 @@ which the session turns into 501 FRAME_ERROR as RabbitMQ does for an undecodable
 
 from __future__ import annotations
 
+import math
 import struct
 from datetime import datetime, timezone
 from decimal import Decimal
@@ -48,10 +49,8 @@ def decode_shortstr(data: bytes | memoryview, offset: int) -> tuple[str, int]:
     offset += 1
     _need(data, offset, length)
     raw = bytes(data[offset : offset + length])
-    try:
-        return raw.decode("utf-8"), offset + length
-    except UnicodeDecodeError as exc:
-        raise DecodeError("short string is not UTF-8") from exc
+    # RabbitMQ takes any bytes here; surrogateescape keeps them and re-encodes them unchanged.
+    return raw.decode("utf-8", "surrogateescape"), offset + length
 
 
 def decode_longstr(data: bytes | memoryview, offset: int) -> tuple[bytes, int]:
@@ -63,7 +62,7 @@ def decode_longstr(data: bytes | memoryview, offset: int) -> tuple[bytes, int]:
 
 
 def encode_shortstr(value: str | bytes) -> bytes:
-    raw = value.encode("utf-8") if isinstance(value, str) else value
+    raw = value.encode("utf-8", "surrogateescape") if isinstance(value, str) else value
     if len(raw) > 255:
         raise ValueError("short string longer than 255 bytes")
     return _S_U8.pack(len(raw)) + raw
@@ -87,6 +86,9 @@ def _decode_field_value(data: bytes | memoryview, offset: int) -> tuple[Any, int
             return value != 0, offset
         if kind == "T":
             return Timestamp(value), offset
+        if (kind == "f" or kind == "d") and not math.isfinite(value):
+            # RabbitMQ cannot parse NaN or infinities and drops the whole connection.
+            raise DecodeError("non-finite float in a field table")
         return value, offset
     if kind == "S":
         return decode_longstr(data, offset)

@@ -13,6 +13,7 @@ import struct
 from typing import Any
 
 from . import constants as c
+from .codec import DecodeError, decode_shortstr, decode_table
 from .errors import ProtocolError
 
 _U16 = struct.Struct(">H")
@@ -81,7 +82,7 @@ class ChannelGuard:
             raise ProtocolError(
                 c.UNEXPECTED_FRAME, "expected content header for class 60, got non content header frame instead", method
             )
-        if self.commit_pending:
+        if self.commit_pending and method != c.CHANNEL_CLOSE:  # RabbitMQ handles close first
             raise ProtocolError(c.CHANNEL_ERROR, "unexpected command while processing 'tx.commit'", method)
 
     def on_publish(self, payload: bytes | bytearray | memoryview, start: int, end: int) -> None:
@@ -109,6 +110,10 @@ class ChannelGuard:
         class_id, _weight, body_size = _HEADER_PREFIX.unpack_from(payload, start)
         if class_id != c.BASIC_CLASS:
             raise ProtocolError(c.UNEXPECTED_FRAME, f"expected content header for class 60, got class {class_id}")
+        if end - start != 14 or payload[start + 12] or payload[start + 13]:
+            # Properties present: RabbitMQ decodes them on publish and answers a malformed list
+            # with 541 on the whole connection, so they are checked here first.
+            check_basic_properties(payload, start + 12, end)
         if body_size:
             self.expect = EXPECT_BODY
             self.body_remaining = body_size
@@ -141,7 +146,7 @@ class ChannelGuard:
         elif method == c.CHANNEL_FLOW:
             if not args["active"]:
                 raise ProtocolError(c.NOT_IMPLEMENTED, "active=false", method)
-        elif method == c.BASIC_RECOVER_ASYNC:
+        elif method == c.BASIC_RECOVER_ASYNC or method == c.BASIC_RECOVER:
             if not args["requeue"]:
                 raise ProtocolError(c.NOT_IMPLEMENTED, "requeue=false", method)
         elif method == c.TX_COMMIT:
@@ -152,6 +157,56 @@ class ChannelGuard:
         self.body_remaining = 0
         self.commit_pending = False
         self.consumer_tags.clear()
+
+
+# basic properties in flag order (bit 15 first): the type of each (0-9-1 spec, class basic).
+_PROPERTY_TYPES = (
+    "shortstr",  # content-type
+    "shortstr",  # content-encoding
+    "table",  # headers
+    "octet",  # delivery-mode
+    "octet",  # priority
+    "shortstr",  # correlation-id
+    "shortstr",  # reply-to
+    "shortstr",  # expiration
+    "shortstr",  # message-id
+    "longlong",  # timestamp
+    "shortstr",  # type
+    "shortstr",  # user-id
+    "shortstr",  # app-id
+    "shortstr",  # cluster-id (reserved)
+)
+
+
+def check_basic_properties(payload: bytes | bytearray | memoryview, start: int, end: int) -> None:
+    """Strictly decode a content header's property flags and list (exact length, no continuation)."""
+    if end - start < 2:
+        raise ProtocolError(c.FRAME_ERROR, "cannot decode content header properties")
+    flags = (payload[start] << 8) | payload[start + 1]
+    if flags & 0x3:  # bit 0: continuation, bit 1: unused
+        raise ProtocolError(c.FRAME_ERROR, "content header property flags use reserved bits")
+    data = bytes(payload[start:end])
+    pos = 2
+    try:
+        for index, kind in enumerate(_PROPERTY_TYPES):
+            if not flags & (1 << (15 - index)):
+                continue
+            if kind == "shortstr":
+                _, pos = decode_shortstr(data, pos)
+            elif kind == "table":
+                _, pos = decode_table(data, pos)
+            elif kind == "octet":
+                if pos + 1 > len(data):
+                    raise DecodeError("truncated property")
+                pos += 1
+            else:
+                if pos + 8 > len(data):
+                    raise DecodeError("truncated property")
+                pos += 8
+    except DecodeError as exc:
+        raise ProtocolError(c.FRAME_ERROR, f"cannot decode content header properties: {exc}") from None
+    if pos != len(data):
+        raise ProtocolError(c.FRAME_ERROR, "content header properties overrun their frame")
 
 
 def check_ack_layout(method: tuple[int, int], size: int) -> None:

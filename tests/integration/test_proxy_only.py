@@ -265,7 +265,8 @@ def test_log_lines_are_json(proxy_factory):
 
 
 def test_sigterm_stops_proxy_and_closes_clients(proxy_factory):
-    proc = proxy_factory()
+    # A short drain: a client that does not leave is closed once it ends.
+    proc = proxy_factory("--drain-timeout", "1")
     conn = proc.target().pika()
     ch = conn.channel()
     t0 = time.monotonic()

@@ -89,7 +89,15 @@ def test_unknown_method_is_a_decode_error():
         decode_method(b"\x00\x63\x00\x01")
 
 
-def test_non_utf8_short_string_is_rejected():
-    payload = b"\x00\x14\x00\x0a" + b"\x01\xff"
+def test_non_utf8_short_strings_survive_a_round_trip():
+    """RabbitMQ accepts any bytes in a short string; the proxy must not refuse or alter them."""
+    payload = encode_method(c.QUEUE_DECLARE, queue="x")[:6] + b"\x02\xff\xfe" + encode_method(c.QUEUE_DECLARE)[7:]
+    method, args = decode_method(payload)
+    assert encode_method(method, **args) == payload
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_floats_are_rejected(value):
+    """RabbitMQ drops the connection on NaN or infinities in a table."""
     with pytest.raises(DecodeError):
-        decode_method(payload)
+        decode_table(encode_table({"k": value}), 0)

@@ -3,7 +3,7 @@
 import pytest
 
 from amqproxy.protocol import constants as c
-from amqproxy.protocol.codec import decode_method, encode_method
+from amqproxy.protocol.codec import decode_method, encode_method, encode_table
 from amqproxy.protocol.errors import ProtocolError
 from amqproxy.protocol.rules import ChannelGuard, check_ack_layout
 
@@ -113,3 +113,48 @@ def test_commands_during_tx_commit_are_504():
 def test_ack_layout():
     check_ack_layout(c.BASIC_ACK, 13)
     assert code_of(check_ack_layout, c.BASIC_ACK, 12) == 501
+
+
+def props(flags, body=b""):
+    return flags.to_bytes(2, "big") + body
+
+
+@pytest.mark.parametrize(
+    "properties",
+    [
+        props(0x8000, b"\x09text/"),  # content-type longer than the frame
+        props(0x2000, b"\x00\x00\x00\x05\x01aZ\x00\x00"),  # headers with an unknown field type
+        props(0x0001),  # continuation bit
+        props(0x1000),  # delivery-mode flagged but missing
+        props(0x1000, b"\x02\x00"),  # one byte too many
+    ],
+)
+def test_malformed_properties_are_501(properties):
+    guard = ChannelGuard()
+    p = publish()
+    guard.on_publish(p, 0, len(p))
+    h = b"\x00\x3c\x00\x00" + (5).to_bytes(8, "big") + properties
+    assert code_of(guard.on_header, h, 0, len(h)) == 501
+
+
+def test_well_formed_properties_pass():
+    guard = ChannelGuard()
+    p = publish()
+    guard.on_publish(p, 0, len(p))
+    body = b"\x0atext/plain" + b"\x00\x00\x00\x0b\x01aS\x00\x00\x00\x01b\x00\x00\x00\x00"[:0]
+    headers = encode_table({"a": "b", "n": 1})
+    h = b"\x00\x3c\x00\x00" + (5).to_bytes(8, "big") + props(0x8000 | 0x2000 | 0x1000, body + headers + b"\x02")
+    guard.on_header(h, 0, len(h))
+    assert guard.expect == 2
+
+
+def test_recover_requeue_false_is_540_in_both_forms():
+    guard = ChannelGuard()
+    for method in (c.BASIC_RECOVER, c.BASIC_RECOVER_ASYNC):
+        assert code_of(guard.check_control, *decode_method(encode_method(method, requeue=False))) == 540
+
+
+def test_channel_close_is_allowed_while_a_commit_is_pending():
+    guard = ChannelGuard()
+    guard.check_control(c.TX_COMMIT, {})
+    guard.on_method(c.CHANNEL_CLOSE)
