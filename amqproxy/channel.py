@@ -59,7 +59,8 @@ class Link(ChannelGuard):
         self.c_close_sent = self.c_close_received = self.c_close_ok_sent = self.c_close_ok_received = False
         self.u_close_sent = self.u_close_received = self.u_close_ok_sent = self.u_close_ok_received = False
         # Replies the proxy must read (spec: synchronous replies come in request order per channel).
-        self.pending_declares: deque[bool] = deque()  # exclusive flag per queue.declare awaiting -ok
+        # Per queue.declare awaiting -ok: (exclusive?, name reserved for this client at send time).
+        self.pending_declares: deque[tuple[bool, str | None]] = deque()
         self.pending_deletes: deque[str] = deque()  # queue names per queue.delete awaiting -ok
         # A publish being received from the client (method, header, bodies), remapped, held
         # until complete so that the upstream never sees a partial message.

@@ -253,6 +253,9 @@ class ClientSession:
         self._torn_down = True
         self.closing = True
         self._release_channels()
+        for upstream in self.blocked_by:
+            upstream.blocked_clients.discard(self)
+        self.blocked_by.clear()
         for upstream, names in self.pool.exclusive.release_client(self).items():
             if upstream.state == "open":
                 upstream.delete_queues(names)
@@ -628,7 +631,8 @@ class ClientSession:
             # as RabbitMQ itself stops reading a connection under flow control.
             self.throttled = True
             try:
-                outbox.wait_for_room()
+                while not outbox.wait_for_room(1.0) and not self.closing:
+                    pass
             finally:
                 self.throttled = False
                 self.last_recv = time.monotonic()
@@ -746,11 +750,14 @@ class ClientSession:
                 return False
             if method == c.QUEUE_DECLARE:
                 exclusive = args["exclusive"] and not args["passive"]
-                if args["nowait"]:
-                    if exclusive and queue and link.upstream is not None:
-                        self.pool.exclusive.add(self.vhost or "", queue, self, link.upstream)
-                else:
-                    link.pending_declares.append(exclusive)
+                reserved = None
+                if exclusive and queue and link.upstream is not None and owner is None:
+                    # Reserve the name now: a second client declaring it before our declare-ok
+                    # must get 405, as it would from the broker on its own connection.
+                    self.pool.exclusive.add(self.vhost or "", queue, self, link.upstream)
+                    reserved = queue
+                if not args["nowait"]:
+                    link.pending_declares.append((exclusive, reserved))
             elif method == c.QUEUE_DELETE:
                 if args["nowait"]:
                     self.pool.exclusive.remove(self.vhost or "", queue)
@@ -834,6 +841,8 @@ class ClientSession:
 
     def deliver(self, data: bytes | bytearray, received_at: float) -> None:
         """Frames for this client, already remapped. Never blocks the calling upstream reader."""
+        if self.closing:
+            return  # after a Connection.Close only Close-Ok may follow (spec 1.4.2.5)
         outbox = self.outbox
         self.bytes_out += len(data)
         outbox.put(data, received_at)
@@ -853,6 +862,7 @@ class ClientSession:
         if not self.blocked_by:
             self.outbox.put(method_frame(0, encode_method(c.CONNECTION_BLOCKED, reason=reason)))
         self.blocked_by.add(upstream)
+        upstream.blocked_clients.add(self)
 
     def upstream_unblocked(self, upstream: Upstream) -> None:
         if upstream not in self.blocked_by:

@@ -40,6 +40,11 @@ class ExclusiveQueues:
                 if not keys:
                     del self._by_client[entry[0]]
 
+    def remove_if_owner(self, vhost: str, queue: str, client: ClientSession) -> None:
+        entry = self._owners.get((vhost, queue))
+        if entry is not None and entry[0] is client:
+            self.remove(vhost, queue)
+
     def release_client(self, client: ClientSession) -> dict[Upstream, list[str]]:
         """Forget a departing client's queues; returns them grouped by the upstream that owns them."""
         grouped: dict[Upstream, list[str]] = {}
@@ -54,6 +59,9 @@ class ExclusiveQueues:
         for key, (_client, owner) in list(self._owners.items()):
             if owner is upstream:
                 self.remove(*key)
+
+    def owners_on(self, upstream: Upstream) -> set[ClientSession]:
+        return {client for client, owner in self._owners.values() if owner is upstream}
 
     def __len__(self) -> int:
         return len(self._owners)

@@ -293,7 +293,8 @@ class Pool:
             )
             if self.metrics is not None:
                 self.metrics.upstream_connect(node.label, category, time.monotonic() - started)
-                self.metrics.error("upstream_connect", category, vhost)
+                # An unproven vhost name is the client's free text: keep it out of the labels.
+                self.metrics.error("upstream_connect", category, vhost if not exc.permanent else "")
             if exc.permanent:
                 # The node answered: it is up, whatever it thinks of these credentials.
                 self.nodes.record_success(node_state)
@@ -399,7 +400,8 @@ class Pool:
         --upstream-max-age once empty; drop stale held logins; keep --min-idle-upstreams warm."""
         cfg = self.config
         for key, ups in list(self.upstreams.items()):
-            idle = [u for u in ups if u.state == "open" and not u.links]
+            # Idle: no channels, and no live client's exclusive queues (they die with the connection).
+            idle = [u for u in ups if u.state == "open" and not u.links and not self.exclusive.owners_on(u)]
             keep = cfg.min_idle_upstreams
             for upstream in idle:
                 if self.nodes.state_of(upstream.node).retired:

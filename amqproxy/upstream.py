@@ -99,6 +99,7 @@ class Upstream:
         self.blocked_reason: str | None = None
         self.close_cause = ""
         self.role: str | None = None  # role of its client channels (publish/consume); None when empty
+        self.blocked_clients: set[ClientSession] = set()  # clients sent connection.blocked for us
         self.counted = False  # counted in its node's connection count
         self._reader: gevent.Greenlet | None = None
         self._handshake = FrameReader(c.PRE_TUNE_FRAME_MAX)
@@ -337,7 +338,8 @@ class Upstream:
     def _read_loop(self) -> None:
         assert self.sock is not None
         sock = self.sock
-        reader = FrameReader(self.frame_max)
+        reader = self._handshake  # keeps whatever arrived with Open-Ok
+        reader.max_frame_size = self.frame_max
         links = self.links
         pack_header = FRAME_HEADER_STRUCT.pack
         frame_header = FRAME_HEADER_STRUCT.unpack_from
@@ -389,11 +391,11 @@ class Upstream:
                             if method in _WATCHED:
                                 if not self._on_watched(link, method, view[start:end]):
                                     continue
-                            elif link.closing:
+                            elif link.closing and link.c_close_sent:
                                 continue
                             elif method in _DELIVERIES and link.client is not None:
                                 link.client.messages_out += 1
-                        elif link.closing:
+                        elif link.closing and link.c_close_sent:
                             continue
                         client = link.client
                         if client is None or client.closing:
@@ -463,9 +465,7 @@ class Upstream:
             for client in self.clients():
                 client.upstream_blocked(self, args["reason"])
         elif method == c.CONNECTION_UNBLOCKED:
-            self.blocked_reason = None
-            for client in self.clients():
-                client.upstream_unblocked(self)
+            self._unblock_all()
 
     def _on_watched(self, link: Link, method: tuple[int, int], payload: memoryview) -> bool:
         """Update channel state from a broker reply; return whether to forward it to the client."""
@@ -481,6 +481,11 @@ class Upstream:
         if method == c.CHANNEL_CLOSE:
             link.begin_close()
             link.u_close_received = True
+            # Declares the broker will now never answer: drop the names reserved for them.
+            for _exclusive, reserved in link.pending_declares:
+                if reserved is not None and client is not None:
+                    self.pool.exclusive.remove_if_owner(self.vhost or "", reserved, client)
+            link.pending_declares.clear()
             if client is None or link.c_close_sent or link.c_close_received or client.closing:
                 # Nobody to tell (client gone, or the proxy is closing the client side already).
                 link.u_close_ok_sent = True
@@ -489,7 +494,23 @@ class Upstream:
                 return False
             link.c_close_sent = True
             return True
-        if link.closing:
+        if method == c.QUEUE_DECLARE_OK:
+            if link.pending_declares and link.pending_declares.popleft()[0]:
+                _, args = decode_method(payload)
+                if client is not None and not client.closing:
+                    self.pool.exclusive.add(self.vhost or "", args["queue"], client, self)
+                else:
+                    # Its client is gone or leaving: the queue must not outlive it on this
+                    # shared connection.
+                    self.delete_queues([args["queue"]])
+            return not link.c_close_sent
+        if method == c.QUEUE_DELETE_OK:
+            if link.pending_deletes:
+                self.pool.exclusive.remove(self.vhost or "", link.pending_deletes.popleft())
+            return not link.c_close_sent
+        if link.closing and link.c_close_sent:
+            # The client was sent a Close (by the broker or the proxy): only Close-Ok matters now.
+            # After the client's own Close, replies still in flight (commit-ok...) go through.
             return False
         if method == c.CHANNEL_OPEN_OK:
             # The proxy answered the client's channel.open itself (placement is deferred to the
@@ -498,13 +519,6 @@ class Upstream:
             if link.waiter is not None:
                 link.waiter.set(True)
             return False
-        elif method == c.QUEUE_DECLARE_OK:
-            if link.pending_declares and link.pending_declares.popleft() and client is not None:
-                _, args = decode_method(payload)
-                self.pool.exclusive.add(self.vhost or "", args["queue"], client, self)
-        elif method == c.QUEUE_DELETE_OK:
-            if link.pending_deletes:
-                self.pool.exclusive.remove(self.vhost or "", link.pending_deletes.popleft())
         elif method == c.BASIC_CONSUME_OK:
             _, args = decode_method(payload)
             link.consumer_tags.add(args["consumer_tag"])
@@ -526,6 +540,14 @@ class Upstream:
             client = link.client
             if client is not None and link.client_side_done():
                 client.forget(link)
+
+    def _unblock_all(self) -> None:
+        """The block is over (or this connection is): tell every client that was told it began,
+        whether or not it still has channels here."""
+        self.blocked_reason = None
+        blocked, self.blocked_clients = self.blocked_clients, set()
+        for client in blocked:
+            client.upstream_unblocked(self)
 
     def clients(self) -> set[ClientSession]:
         return {link.client for link in self.links.values() if link.client is not None}
@@ -575,7 +597,9 @@ class Upstream:
         was_open = self.state == "open"
         self.state = "closed"
         self.close_cause = cause
-        clients = self.clients()
+        # Clients with channels here, and clients whose exclusive queues died with it.
+        clients = self.clients() | self.pool.exclusive.owners_on(self)
+        self._unblock_all()
         for link in self.links.values():
             if link.waiter is not None:
                 link.waiter.set(False)
@@ -605,6 +629,8 @@ class Upstream:
 
     def _finish(self) -> None:
         self.state = "closed"
+        if self.blocked_clients:
+            self._unblock_all()
         self.pool.closing.discard(self)
         self.pool.upstream_gone(self, unexpected=False, wanted=False)
         if self.outbox is not None:
