@@ -23,7 +23,7 @@ from .metrics import BYTES, FORWARD_LATENCY_C2U, FRAMES, UPSTREAM_TO_CLIENT
 from .outbox import Outbox
 from .protocol import constants as c
 from .protocol.codec import DecodeError, decode_method, encode_method
-from .protocol.constants import FRAME_END
+from .protocol.constants import FRAME_END, REPLY_NAMES
 from .protocol.errors import ProtocolError
 from .protocol.frames import (
     FRAME_HEADER_STRUCT,
@@ -437,6 +437,9 @@ class Upstream:
                 # A busy broker socket never blocks recv(); yield so client writers get to run.
                 gevent.sleep(0)
         except (OSError, ProtocolError, DecodeError) as exc:
+            if isinstance(exc, (ProtocolError, DecodeError)) and self.pool.metrics is not None:
+                reason = REPLY_NAMES.get(getattr(exc, "reply_code", 501), "frame_error").lower()
+                self.pool.metrics.frame_failed(UPSTREAM_TO_CLIENT, reason)
             if self.state != "closed":
                 self.fail(f"connection to {self.node.label} lost: {_describe(exc)}")
             self._finish()
