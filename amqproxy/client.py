@@ -171,9 +171,9 @@ class ClientSession:
             self.close_kind = "protocol_error"
         if self.vhost is None:
             metrics.client_refused("protocol_error")
-        if exc.reply_code != c.CONNECTION_FORCED:
+        if exc.reply_code != c.CONNECTION_FORCED:  # 320 here is an upstream problem, counted there
             metrics.frame_failed(CLIENT_TO_UPSTREAM, REPLY_NAMES.get(exc.reply_code, "error").lower())
-        metrics.error("client_protocol", "permanent", self.vhost)
+            metrics.error("client_protocol", "permanent", self.vhost)
         log.warning(
             "client protocol error",
             extra=self._log_extra("client_protocol_error", reply_code=exc.reply_code, reply_text=exc.text),
