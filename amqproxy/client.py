@@ -92,6 +92,7 @@ class ClientSession:
         self.last_recv = self.opened_at
         self.preferred: dict[str, Upstream] = {}  # role -> the upstream this client's channels use
         self.exclusive_upstream: Upstream | None = None  # holds this client's exclusive queues
+        self.upstream_ids: set[int] = set()  # every upstream connection its channels used (audit)
         self.blocked_by: set[Upstream] = set()
         self.closing = False
         self.close_reason = ""
@@ -290,7 +291,7 @@ class ClientSession:
                 "bytes_out": self.bytes_out,
                 "messages_in": self.messages_in,
                 "messages_out": self.messages_out,
-                "upstreams": sorted({u.id for u in self.preferred.values()}),
+                "upstreams": sorted(self.upstream_ids),
                 "end": self.close_kind,
                 "reply_code": self.close_code,
                 "reason": self.close_reason or "client closed",
@@ -693,9 +694,9 @@ class ClientSession:
         try:
             opened = self.pool.place(self, link, role_of(method))
         except UpstreamError as exc:
-            raise ProtocolError(
-                exc.reply_code or c.CONNECTION_FORCED, f"upstream unavailable: {exc.text}", method
-            ) from exc
+            if exc.reply_code:  # e.g. 506 with its own text
+                raise ProtocolError(exc.reply_code, exc.text, method) from exc
+            raise ProtocolError(c.CONNECTION_FORCED, f"upstream unavailable: {exc.text}", method) from exc
         finally:
             self.throttled = False
             self.last_recv = time.monotonic()
@@ -709,6 +710,7 @@ class ClientSession:
             else:
                 upstream.release(link)
             return False
+        self.upstream_ids.add(upstream.id)
         if not opened:
             out = self._batches.get(upstream)
             if out is None:

@@ -113,11 +113,19 @@ class Pool:
 
             def open_one() -> None:
                 if not self._usable(key):
+                    self._check_capacity(key)
                     upstream = self._take_held(credentials, vhost) or self._dial(credentials, vhost, deadline)
                     self.upstreams.setdefault(key, []).append(upstream)
 
             self._once(("open", *key), open_one)
         self._credentials[key] = credentials  # proven: worth re-dialling in the background
+
+    def _wants_more(self, key: PoolKey) -> bool:
+        """No open connection, or fewer idle ones than --min-idle-upstreams."""
+        ups = [u for u in self.upstreams.get(key, ()) if u.state == "open"]
+        if not ups:
+            return True
+        return sum(1 for u in ups if not u.links) < self.config.min_idle_upstreams
 
     def _usable(self, key: PoolKey) -> bool:
         return any(u.state == "open" for u in self.upstreams.get(key, ()))
@@ -155,7 +163,11 @@ class Pool:
             if upstream is None:
                 self._once(("dial", *key, role), lambda: self._dial_for(key, client, role, deadline))
                 continue
-            verify = time.monotonic() - upstream.last_recv > self.config.upstream_check_interval
+            # A blocked connection (memory alarm) is alive but not reading: never verify it then.
+            verify = (
+                upstream.blocked_reason is None
+                and time.monotonic() - upstream.last_recv > self.config.upstream_check_interval
+            )
             if upstream.attach(link, role):
                 client.preferred[role] = upstream
                 if not verify:
@@ -362,28 +374,32 @@ class Pool:
         gevent.spawn(lambda: self._replenish_loop(key))
 
     def _replenish_loop(self, key: PoolKey) -> None:
-        """Dial one replacement with backoff, for as long as the credential set has a use for it."""
+        """Dial replacements with backoff while the credential set has no open connection, or
+        fewer idle ones than --min-idle-upstreams."""
         try:
             credentials = self._credentials[key]
-            while not self.stopping and not self._usable(key):
+            while not self.stopping and self._wants_more(key):
+                dialled: list[Upstream] = []
+
+                def redial(dialled: list[Upstream] = dialled) -> None:
+                    if self._wants_more(key):
+                        deadline = time.monotonic() + self.config.idle_timeout
+                        dialled.append(self._dial(credentials, key[2], deadline))
+                        self.upstreams.setdefault(key, []).append(dialled[-1])
+
                 try:
-
-                    def redial() -> None:
-                        if not self._usable(key):
-                            deadline = time.monotonic() + self.config.idle_timeout
-                            self.upstreams.setdefault(key, []).append(self._dial(credentials, key[2], deadline))
-
                     self._once(("open", *key), redial)
-                    log.info(
-                        "upstream capacity re-established", extra={"event": "upstream_replenished", "vhost": key[2]}
-                    )
-                    return
                 except UpstreamError as exc:
-                    if exc.permanent:
-                        return
-                    # _dial already backed off until its deadline; give up if nobody needs the key
-                    if not self.config.min_idle_upstreams:
-                        return
+                    if exc.permanent or not self.config.min_idle_upstreams:
+                        return  # _dial backed off until its deadline; nobody needs the key now
+                    continue
+                if dialled:
+                    log.info(
+                        "upstream capacity re-established",
+                        extra={"event": "upstream_replenished", "vhost": key[2], "node": dialled[0].node.label},
+                    )
+                elif not self.config.min_idle_upstreams:
+                    return
         finally:
             self._replenishing.discard(key)
 
