@@ -399,6 +399,7 @@ def _describe(session: ClientSession) -> dict[str, Any]:
         "user": session.username or None,
         "vhost": session.vhost,
         "remote": session.address,
+        "proxied_by": session.proxied_by,
         "state": "closing" if session.closing else ("open" if session.vhost is not None else "handshake"),
         "channels": len(session.channels),
         "bytes_in": session.bytes_in,

@@ -23,6 +23,7 @@ from .channel import OPEN, Link
 from .metrics import BYTES, CLIENT_TO_UPSTREAM, FORWARD_LATENCY_U2C, FRAMES
 from .outbox import Outbox
 from .protocol import constants as c
+from .protocol import proxyproto
 from .protocol.codec import DecodeError, decode_method, encode_method, method_name
 from .protocol.constants import FRAME_END, REPLY_NAMES
 from .protocol.errors import ProtocolError
@@ -78,7 +79,9 @@ class ClientSession:
         self.pool = proxy.pool
         self.config = proxy.config
         self.sock = sock
+        self.peer_host = str(address[0]) if address else ""
         self.address = f"{address[0]}:{address[1]}" if len(address) >= 2 else str(address)
+        self.proxied_by: str | None = None  # the balancer's address when a PROXY header named the client
         self.id = f"{_id_prefix}-{next(_ids):x}"
         self.channels: dict[int, Link] = {}
         self.capabilities: frozenset[str] = frozenset()
@@ -284,6 +287,7 @@ class ClientSession:
                 "user": self.username,
                 "vhost": self.vhost,
                 "remote": self.address,
+                "proxied_by": self.proxied_by,
                 "tls_subject": None,
                 "opened_at": datetime.fromtimestamp(self.connected_at, timezone.utc).isoformat(),
                 "duration_s": round(time.monotonic() - self.opened_at, 3),
@@ -379,9 +383,39 @@ class ClientSession:
         finally:
             self._handshake_deadline += time.monotonic() - started
 
+    def _read_proxy_header(self) -> bytes:
+        """A PROXY protocol header from a trusted balancer: the client's real address. Returns
+        the bytes read past it (the start of the AMQP protocol header)."""
+        data = b""
+        while True:
+            chunk = self._handshake_recv(256)
+            if not chunk:
+                raise _Refused("client closed before the PROXY protocol header")
+            data += chunk
+            try:
+                result = proxyproto.parse(data)
+            except proxyproto.ProxyHeaderError as exc:
+                self.proxy.metrics.client_refused("protocol_header")
+                raise _Refused(f"bad PROXY protocol header: {exc}") from None
+            if result is not None:
+                break
+            if len(data) > 536:  # v2's largest header plus a margin
+                raise _Refused("PROXY protocol header too long")
+        consumed, source = result
+        if source is not None:
+            self.proxied_by = self.address
+            host, port = source
+            self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return data[consumed:]
+
     def _handshake(self) -> None:
         self._handshake_deadline = time.monotonic() + self.config.handshake_timeout
         header = b""
+        if self.config.accept_proxy_protocol and proxyproto.trusted(self.peer_host, self.config.proxy_protocol_from):
+            header = self._read_proxy_header()
+            header, rest = header[:8], header[8:]
+            if rest:
+                self._reader.feed(rest)
         while len(header) < 8:
             data = self._handshake_recv(8 - len(header))
             if not data:

@@ -6,6 +6,7 @@ from it. Invalid values fail at start with one line naming the option (exit code
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import sys
 from collections.abc import Callable
@@ -57,6 +58,8 @@ class Config:
     backlog: int = 1024
     drain_timeout: float = 30.0
     pause_timeout: float = 60.0
+    accept_proxy_protocol: bool = False
+    proxy_protocol_from: list = field(default_factory=lambda: [ipaddress.ip_network("127.0.0.1/32")])
     node_strategy: str = "round-robin"
     channel_placement: str = "fill"
     separate_publishers: bool = True
@@ -224,6 +227,13 @@ class Option:
         return self.name.replace("_", "-")
 
 
+def _network(value: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    try:
+        return ipaddress.ip_network(value.strip(), strict=False)
+    except ValueError as exc:
+        raise ValueError(f"expected a CIDR network: {exc}") from None
+
+
 def _token(value: str) -> str:
     return value.strip()
 
@@ -309,6 +319,21 @@ OPTIONS: tuple[Option, ...] = (
         "30",
         "on SIGTERM/SIGINT, how long clients may finish on their own before they get 320 (seconds)",
         "SECONDS",
+    ),
+    Option(
+        "accept_proxy_protocol",
+        _bool,
+        "false",
+        "expect a PROXY protocol v1/v2 header from --proxy-protocol-from sources (the client's real address)",
+        "BOOL",
+    ),
+    Option(
+        "proxy_protocol_from",
+        _network,
+        "127.0.0.1/32",
+        "sources trusted to send PROXY headers (CIDR; repeat or comma-separate); others are served as is",
+        "CIDR",
+        repeatable=True,
     ),
     Option(
         "pause_timeout",

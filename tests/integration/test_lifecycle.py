@@ -254,3 +254,44 @@ def test_a_new_instance_takes_over_the_port_while_the_old_one_drains(proxy_facto
     assert len(events(new, "client_open")) == 5
     client.close()
     assert old.proc.wait(10) == 0
+
+
+def _raw_handshake_after(proc, prefix: bytes) -> None:
+    import pamqp.commands as C
+
+    from ._support import RawAMQP
+
+    with RawAMQP(proc.host, proc.port) as raw:
+        raw.send_bytes(prefix)
+        _start, _tune, reply = raw.handshake()
+        assert isinstance(reply, C.Connection.OpenOk)
+        listing = http(proc, "/connections")[1]["connections"]
+        return listing
+
+
+def test_proxy_protocol_gives_the_real_client_address(proxy_factory):
+    import ipaddress
+    import struct
+
+    proc = proxy_factory("--accept-proxy-protocol", "true")
+    listing = _raw_handshake_after(proc, b"PROXY TCP4 203.0.113.7 127.0.0.1 5555 5673\r\n")
+    assert [(c["remote"], c["proxied_by"].split(":")[0]) for c in listing] == [("203.0.113.7:5555", "127.0.0.1")]
+    body = ipaddress.IPv6Address("2001:db8::7").packed + ipaddress.IPv6Address("::1").packed
+    header = b"\r\n\r\n\x00\r\nQUIT\n" + struct.pack(">BBH", 0x21, 0x21, 36) + body + struct.pack(">HH", 6000, 5673)
+    listing = _raw_handshake_after(proc, header)
+    assert [c["remote"] for c in listing] == ["[2001:db8::7]:6000"]
+    # A trusted source that sends no PROXY header is refused.
+    with socket.create_connection((proc.host, proc.port), timeout=5) as sock:
+        sock.sendall(b"AMQP\x00\x00\x09\x01")
+        assert sock.recv(100) == b""
+    audit = wait_until(lambda: [r for r in proc.log_records() if r.get("event") == "audit"], timeout=5, msg="audit")
+    assert audit[0]["remote"] == "203.0.113.7:5555"
+
+
+def test_proxy_protocol_only_from_trusted_sources(proxy_factory):
+    proc = proxy_factory("--accept-proxy-protocol", "true", "--proxy-protocol-from", "192.0.2.0/24")
+    conn = connect(proc)  # loopback is not trusted: served as is, no header expected
+    conn.channel().queue_declare("", exclusive=True)
+    (listing,) = http(proc, "/connections")[1]["connections"]
+    assert listing["remote"].startswith("127.0.0.1:") and listing["proxied_by"] is None
+    conn.close()
