@@ -21,9 +21,6 @@ if TYPE_CHECKING:
     from .client import ClientSession
     from .upstream import Upstream
 
-OPENING = "opening"
-OPEN = "open"
-
 
 class Link(ChannelGuard):
     __slots__ = (
@@ -31,7 +28,6 @@ class Link(ChannelGuard):
         "client_channel",
         "upstream",
         "upstream_channel",
-        "state",
         "c_close_sent",
         "c_close_received",
         "c_close_ok_sent",
@@ -55,7 +51,6 @@ class Link(ChannelGuard):
         self.client_channel = client_channel
         self.upstream = upstream
         self.upstream_channel = upstream_channel
-        self.state = OPENING
         self.c_close_sent = self.c_close_received = self.c_close_ok_sent = self.c_close_ok_received = False
         self.u_close_sent = self.u_close_received = self.u_close_ok_sent = self.u_close_ok_received = False
         # Replies the proxy must read (spec: synchronous replies come in request order per channel).
@@ -83,7 +78,7 @@ class Link(ChannelGuard):
         )
 
     def __repr__(self) -> str:
-        return f"Link(c{self.client_channel}->u{self.upstream_channel} {self.state})"
+        return f"Link(c{self.client_channel}->u{self.upstream_channel}{' closing' if self.closing else ''})"
 
     def begin_close(self) -> None:
         """The channel is closing: forget sequencing state and any half-received message."""

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import gevent
 
-from .channel import OPEN, Link
+from .channel import Link
 from .metrics import BYTES, CLIENT_TO_UPSTREAM, FORWARD_LATENCY_U2C, FRAMES
 from .outbox import Outbox
 from .protocol import constants as c
@@ -705,7 +705,6 @@ class ClientSession:
         if channel > self.channel_max:
             raise ProtocolError(c.CHANNEL_ERROR, f"channel id {channel} out of range (channel_max {self.channel_max})")
         link = Link(self, channel, None, 0)
-        link.state = OPEN
         self.channels[channel] = link
         self.proxy.metrics.channel_opened(self)
         self.outbox.put(method_frame(channel, _CHANNEL_OPEN_OK))

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import gevent
 from gevent.event import AsyncResult
 
-from .channel import OPEN, Link
+from .channel import Link
 from .metrics import BYTES, FORWARD_LATENCY_C2U, FRAMES, UPSTREAM_TO_CLIENT
 from .outbox import Outbox
 from .protocol import constants as c
@@ -518,7 +518,6 @@ class Upstream:
         if method == c.CHANNEL_OPEN_OK:
             # The proxy answered the client's channel.open itself (placement is deferred to the
             # channel's first method), so this reply is the proxy's own.
-            link.state = OPEN
             if link.waiter is not None:
                 link.waiter.set(True)
             return False

@@ -398,10 +398,6 @@ def method_name(method: tuple[int, int]) -> str:
     return spec[0] if spec else f"unknown({method[0]},{method[1]})"
 
 
-def is_known_method(method: tuple[int, int]) -> bool:
-    return method in _SPEC
-
-
 def method_id(payload: bytes | memoryview) -> tuple[int, int]:
     if len(payload) < 4:
         raise DecodeError("method frame shorter than its class and method ids")

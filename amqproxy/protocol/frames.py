@@ -21,7 +21,6 @@ from .constants import (
 from .errors import ProtocolError
 
 FRAME_HEADER_STRUCT = struct.Struct(">BHI")
-_CONTENT_HEADER_PREFIX = struct.Struct(">HHQ")  # class id, weight, body size
 VALID_FRAME_TYPES = frozenset((FRAME_METHOD, FRAME_HEADER, FRAME_BODY, FRAME_HEARTBEAT))
 
 HEARTBEAT_FRAME = FRAME_HEADER_STRUCT.pack(FRAME_HEARTBEAT, 0, 0) + FRAME_END_BYTE
@@ -96,16 +95,6 @@ class FrameReader:
 
 def method_frame(channel: int, payload: bytes) -> bytes:
     return FRAME_HEADER_STRUCT.pack(FRAME_METHOD, channel, len(payload)) + payload + FRAME_END_BYTE
-
-
-def content_body_size(payload: bytes | memoryview | bytearray, start: int = 0) -> int:
-    """Body size announced by a content header frame payload."""
-    _class_id, _weight, body_size = _CONTENT_HEADER_PREFIX.unpack_from(payload, start)
-    return body_size
-
-
-def content_header_class(payload: bytes | bytearray | memoryview, start: int = 0) -> int:
-    return _CONTENT_HEADER_PREFIX.unpack_from(payload, start)[0]
 
 
 def append_split_body(out: bytearray, channel: int, data: memoryview, max_payload: int) -> None:
