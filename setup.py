@@ -26,6 +26,8 @@ setup(
             "aio-pika>=9.3",
             "hypothesis>=6.90",
             "ruff>=0.4",
+            "locust>=2.20",
+            "toxiproxy-python>=0.1.1",
         ],
     },
     entry_points={"console_scripts": ["amqproxy=amqproxy.cli:main"]},
