@@ -8,13 +8,20 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import ssl
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
-from urllib.parse import unquote, urlsplit
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import configargparse
+
+from .access import AuthzPolicy, load_policy
+from .limits import parse_limit_name
+
+if TYPE_CHECKING:
+    from .auth import ProxyAuth
 
 
 class ConfigError(ValueError):
@@ -32,6 +39,9 @@ class Node:
     host: str
     port: int
     tls: bool
+    # PROXY protocol header sent first on every connection to this node ("", "v1", "v2"):
+    # needed when the broker's listener has proxy_protocol = true.
+    proxy_protocol: str = ""
 
     @property
     def label(self) -> str:
@@ -80,6 +90,39 @@ class Config:
     breaker_max_open_percent: float = 50.0
     breaker_all_open: str = "fail-fast"
     admin_token: str = ""
+    # TLS and authentication (#5)
+    tls_listen: tuple[str, int] | None = None
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_ca: str = ""
+    tls_verify_client: str = "none"
+    tls_min_version: str = "1.2"
+    tls_ciphers: str = ""
+    upstream_tls_ca: str = ""
+    upstream_tls_cert: str = ""
+    upstream_tls_key: str = ""
+    upstream_tls_verify_hostname: bool = True
+    upstream_tls_server_name: str = ""
+    auth_file: str = ""
+    admin_token_file: str = ""
+    # Built from the files named above at every parse (start, reload): not options themselves.
+    tls_server: ssl.SSLContext | None = field(default=None, compare=False, repr=False)
+    tls_upstream: ssl.SSLContext | None = field(default=None, compare=False, repr=False)
+    auth: ProxyAuth | None = field(default=None, compare=False, repr=False)
+    # limits and access (#5)
+    max_connections: int = 0
+    max_connections_per_ip: int = 0
+    max_connections_per_user: int = 0
+    max_connections_per_vhost: int = 0
+    connection_rate_per_ip: float = 0.0
+    connection_rate_per_user: float = 0.0
+    client_byte_rate: int = 0
+    limit_refusal_delay: float = 0.75
+    limits_alarm_only: list = field(default_factory=list)
+    slow_client_grace: float = 2.0
+    allow_cidr: list = field(default_factory=list)
+    deny_cidr: list = field(default_factory=list)
+    authz_policy: AuthzPolicy | None = None
     # Where this configuration came from (argv, env), so that a reload reads the same sources.
     sources: tuple[list[str] | None, dict[str, str] | None] = (None, None)
 
@@ -112,7 +155,16 @@ def parse_node(value: str) -> Node:
     except ValueError as exc:
         raise ValueError("URL has an invalid port") from exc
     tls = parts.scheme == "amqps"
-    return Node(unquote(parts.hostname), port or (5671 if tls else 5672), tls)
+    query = parse_qs(parts.query, keep_blank_values=True)
+    unknown = sorted(set(query) - {"proxy_protocol"})
+    if unknown:
+        raise ValueError(f"unknown URL parameter(s) {', '.join(unknown)} (known: proxy_protocol)")
+    proxy_protocol = query.get("proxy_protocol", [""])[-1].lower()
+    if proxy_protocol in ("off", "none"):
+        proxy_protocol = ""
+    if proxy_protocol not in ("", "v1", "v2"):
+        raise ValueError("proxy_protocol must be v1, v2 or off")
+    return Node(unquote(parts.hostname), port or (5671 if tls else 5672), tls, proxy_protocol)
 
 
 def _positive_int(value: str) -> int:
@@ -238,6 +290,14 @@ def _token(value: str) -> str:
     return value.strip()
 
 
+def _path(value: str) -> str:
+    return os.path.expanduser(value.strip())
+
+
+def _text(value: str) -> str:
+    return value.strip()
+
+
 OPTIONS: tuple[Option, ...] = (
     Option(
         "listen", parse_hostport, "127.0.0.1:5673", "AMQP listen address for clients", "HOST:PORT", reloadable=False
@@ -246,7 +306,7 @@ OPTIONS: tuple[Option, ...] = (
         "upstream",
         parse_node,
         "amqp://127.0.0.1:5672",
-        "broker node URL (amqp:// or amqps://); repeat, or comma-separate, for several nodes",
+        "broker node URL (amqp:// or amqps://; add ?proxy_protocol=v1 or v2 to send a PROXY header); repeat, or comma-separate, for several nodes",
         "URL",
         repeatable=True,
     ),
@@ -263,8 +323,8 @@ OPTIONS: tuple[Option, ...] = (
         "admin_token",
         _token,
         "",
-        "bearer token required by the admin API's state-changing and debug endpoints; "
-        "prefer the env var or config file (a flag shows in ps); empty = no token",
+        "bearer token required by the admin API's state-changing and debug endpoints; from the env var, the "
+        "config file (then mode o-r) or --admin-token-file, never a flag (ps shows it); empty = no token",
         "TOKEN",
     ),
     Option("log_format", _choice("json", "text"), "json", "log line format", "FORMAT"),
@@ -434,6 +494,171 @@ OPTIONS: tuple[Option, ...] = (
         "when every node's breaker is open: refuse new clients at once, or queue them up to --connect-timeout",
         "MODE",
     ),
+    # TLS and authentication (#5)
+    Option(
+        "tls_listen",
+        parse_optional_hostport,
+        "off",
+        "AMQP over TLS listen address for clients (beside --listen; RabbitMQ uses 5671); 'off' disables it",
+        "HOST:PORT",
+        reloadable=False,
+    ),
+    Option("tls_cert", _path, "", "certificate chain (PEM) of the TLS listener; re-read on reload", "FILE"),
+    Option("tls_key", _path, "", "private key (PEM) of --tls-cert; must not be readable by everyone", "FILE"),
+    Option("tls_ca", _path, "", "CA certificates (PEM) that client certificates must chain to (mTLS)", "FILE"),
+    Option(
+        "tls_verify_client",
+        _choice("none", "optional", "required"),
+        "none",
+        "client certificates on the TLS listener: not asked for, verified if sent, or required (mTLS)",
+        "MODE",
+    ),
+    Option("tls_min_version", _choice("1.2", "1.3"), "1.2", "lowest TLS version clients may use", "VERSION"),
+    Option(
+        "tls_ciphers",
+        _text,
+        "",
+        "OpenSSL cipher list for TLS 1.2 clients (TLS 1.3 suites are OpenSSL's); empty = OpenSSL defaults",
+        "LIST",
+    ),
+    Option(
+        "upstream_tls_ca",
+        _path,
+        "",
+        "CA certificates (PEM) that amqps:// brokers' certificates must chain to; empty = the system CAs",
+        "FILE",
+    ),
+    Option("upstream_tls_cert", _path, "", "client certificate (PEM) presented to amqps:// brokers (mTLS)", "FILE"),
+    Option(
+        "upstream_tls_key",
+        _path,
+        "",
+        "private key (PEM) of --upstream-tls-cert; must not be readable by everyone",
+        "FILE",
+    ),
+    Option(
+        "upstream_tls_verify_hostname",
+        _bool,
+        "true",
+        "check that an amqps:// broker's certificate names the host dialled (or --upstream-tls-server-name)",
+        "BOOL",
+    ),
+    Option(
+        "upstream_tls_server_name",
+        _text,
+        "",
+        "SNI and verified name for amqps:// brokers instead of each node's host; empty = the node's host",
+        "NAME",
+    ),
+    Option(
+        "auth_file",
+        _path,
+        "",
+        "proxy credential file (TOML; hashed passwords, mapping to broker users; see README): clients log in "
+        "against it instead of the broker; must not be readable by everyone; empty = off",
+        "FILE",
+    ),
+    Option(
+        "admin_token_file",
+        _path,
+        "",
+        "file holding --admin-token (must not be readable by everyone); re-read on reload",
+        "FILE",
+    ),
+    # limits and access (#5)
+    Option(
+        "max_connections", _non_negative_int, "0", "most client connections in total (506 beyond it); 0 = no limit", "N"
+    ),
+    Option(
+        "max_connections_per_ip",
+        _non_negative_int,
+        "0",
+        "most client connections from one source address (530 beyond it); 0 = no limit",
+        "N",
+    ),
+    Option(
+        "max_connections_per_user",
+        _non_negative_int,
+        "0",
+        "most client connections of one user (530 beyond it); 0 = no limit",
+        "N",
+    ),
+    Option(
+        "max_connections_per_vhost",
+        _non_negative_int,
+        "0",
+        "most client connections to one vhost (530 beyond it); 0 = no limit",
+        "N",
+    ),
+    Option(
+        "connection_rate_per_ip",
+        _non_negative_float,
+        "0",
+        "new client connections per second from one source address (token bucket, burst of one second); 0 = no limit",
+        "RATE",
+    ),
+    Option(
+        "connection_rate_per_user",
+        _non_negative_float,
+        "0",
+        "new client connections per second of one user (token bucket, burst of one second); 0 = no limit",
+        "RATE",
+    ),
+    Option(
+        "client_byte_rate",
+        _non_negative_int,
+        "0",
+        "bytes per second read from one client connection; a faster publisher is slowed by not reading "
+        "its socket; 0 = no limit",
+        "BYTES",
+    ),
+    Option(
+        "limit_refusal_delay",
+        _non_negative_float,
+        "0.75",
+        "a client refused by a limit or by --authz-policy gets its Connection.Close after this delay "
+        "(seconds), so that retry loops do not spin",
+        "SECONDS",
+    ),
+    Option(
+        "limits_alarm_only",
+        parse_limit_name,
+        "",
+        "limits that only log and count what they would refuse (e.g. max-connections-per-user; 'all'); "
+        "repeat or comma-separate",
+        "LIMIT",
+        repeatable=True,
+    ),
+    Option(
+        "slow_client_grace",
+        _positive_float,
+        "2",
+        "a client whose unsent data stays above --client-buffer this long is disconnected (seconds)",
+        "SECONDS",
+    ),
+    Option(
+        "allow_cidr",
+        _network,
+        "",
+        "only these source networks may connect (CIDR, IPv4 or IPv6; repeat or comma-separate); empty = all",
+        "CIDR",
+        repeatable=True,
+    ),
+    Option(
+        "deny_cidr",
+        _network,
+        "",
+        "source networks refused at once with a TCP close (CIDR; repeat or comma-separate); wins over --allow-cidr",
+        "CIDR",
+        repeatable=True,
+    ),
+    Option(
+        "authz_policy",
+        load_policy,
+        "",
+        "JSON file mapping users to the vhosts they may use (re-read on reload); empty = no policy",
+        "FILE",
+    ),
 )
 
 
@@ -489,7 +714,7 @@ def parse_config(argv: list[str] | None = None, env: dict[str, str] | None = Non
         if option.repeatable:
             values = raw if isinstance(raw, list) else [raw]
             items = [item for value in values for item in _split_list(value)]
-            if not items:
+            if not items and option.default:  # a repeatable option with an empty default may stay empty
                 problems.append(f"{option.flag}: at least one value is required")
                 continue
         parsed = []
@@ -502,9 +727,53 @@ def parse_config(argv: list[str] | None = None, env: dict[str, str] | None = Non
                 break
         else:
             setattr(config, option.name, parsed if option.repeatable else parsed[0])
+    problems.extend(_secret_problems(sys.argv[1:] if argv is None else argv, getattr(namespace, "config", None)))
+    if not problems:
+        problems.extend(_load_files(config, os.environ if env is None else env))
     if problems:
         raise ConfigError(problems[0], problems)
     return config
+
+
+# Options whose values are secrets: never accepted as flags (ps and shell history show argv).
+SECRET_OPTIONS = ("admin_token",)
+
+
+def _secret_problems(argv: list[str], config_file: str | None) -> list[str]:
+    problems = []
+    for name in SECRET_OPTIONS:
+        flag = "--" + name.replace("_", "-")
+        if any(arg == flag or arg.startswith(flag + "=") for arg in argv):
+            problems.append(
+                f"{flag}: a secret is not accepted on the command line (ps shows it); use {flag}-file, "
+                f"AMQPROXY_{name.upper()} or the config file"
+            )
+    if config_file:
+        try:
+            mode = os.stat(config_file).st_mode
+            with open(config_file, encoding="utf-8", errors="replace") as f:
+                keys = {line.partition("=")[0].partition(":")[0].strip() for line in f}
+        except OSError:
+            return problems  # the parser has reported it
+        held = [key for key in (n.replace("_", "-") for n in SECRET_OPTIONS) if key in keys]
+        if held and mode & 0o004:
+            problems.append(
+                f"--config: {config_file} holds a secret ({', '.join(held)}) and is readable by everyone "
+                f"(mode {mode & 0o777:o}); chmod o-r it"
+            )
+    return problems
+
+
+def _load_files(config: Config, env: Mapping[str, str]) -> list[str]:
+    """Read what the options name: TLS certificates and keys, the credential file, secret files."""
+    from . import auth, tls  # they need a parsed Config; imported late to keep config.py standalone
+
+    problems = []
+    if config.admin_token and config.admin_token_file:
+        problems.append("--admin-token-file: give either it or --admin-token (env var, config file), not both")
+    problems.extend(tls.load(config))
+    problems.extend(auth.load(config, env))
+    return problems
 
 
 def restart_only_changes(old: Config, new: Config) -> list[str]:

@@ -18,10 +18,12 @@ from typing import TYPE_CHECKING, Any
 import gevent
 from gevent.event import AsyncResult
 
+from . import tls
 from .channel import Link
 from .metrics import BYTES, FORWARD_LATENCY_C2U, FRAMES, UPSTREAM_TO_CLIENT
 from .outbox import Outbox
 from .protocol import constants as c
+from .protocol import proxyproto
 from .protocol.codec import DecodeError, decode_method, encode_method
 from .protocol.constants import FRAME_END, REPLY_NAMES
 from .protocol.errors import ProtocolError
@@ -123,9 +125,9 @@ class Upstream:
         try:
             sock = socket.create_connection((self.node.host, self.node.port), timeout=timeout)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if self.node.tls:
-                context = ssl.create_default_context()
-                sock = context.wrap_socket(sock, server_hostname=self.node.host)
+            if self.node.proxy_protocol:  # before any TLS byte, as the broker expects it
+                sock.sendall(proxyproto.encode(self.node.proxy_protocol, sock.getsockname(), sock.getpeername()))
+            sock = tls.wrap_upstream(sock, self.node, cfg)  # amqps://: TLS (+mTLS) with SNI
             self.sock = sock
             sock.sendall(c.PROTOCOL_HEADER)
             method, args = self._expect_method(c.CONNECTION_START, timeout)

@@ -513,9 +513,10 @@ class OwnBroker:
     user = "guest"
     password = "guest"
 
-    def __init__(self, base_dir: Path, sbin: Path):
+    def __init__(self, base_dir: Path, sbin: Path, extra_conf: str = ""):
         self.base_dir = Path(base_dir)
         self.sbin = Path(sbin)
+        self.extra_conf = extra_conf  # more rabbitmq.conf lines (e.g. proxy_protocol = true)
         self.nodename = f"amqproxy-test-{uuid.uuid4().hex[:12]}@localhost"
         self.port = free_port()
         self.dist_port = free_port()
@@ -541,7 +542,7 @@ class OwnBroker:
         self._conf.write_text(
             f"listeners.tcp.1 = {self.host}:{self.port}\n"
             f"vm_memory_high_watermark.relative = {OWN_BROKER_MEMORY_WATERMARK}\n"
-            "disk_free_limit.absolute = 1MB\n"
+            "disk_free_limit.absolute = 1MB\n" + self.extra_conf
         )
         (self.base_dir / "enabled_plugins").write_text("[].\n")
 
@@ -1091,3 +1092,30 @@ def own_broker(request, _own_broker_node) -> OwnBroker:
     request.node.stash.setdefault(_OWN_BROKERS_KEY, []).append(node)
     yield node
     node.ensure_healthy()
+
+
+@pytest.fixture(scope="module")
+def own_broker_factory(tmp_path_factory):
+    """Start own RabbitMQ nodes with extra rabbitmq.conf lines (a TLS or PROXY-protocol listener,
+    say): `node = own_broker_factory("proxy_protocol = true\\n")`. Stopped and removed after the
+    module."""
+    sbin = _rabbitmq_sbin()
+    if sbin is None:
+        pytest.skip("rabbitmq-server / rabbitmqctl not found (set AMQPROXY_TEST_RABBITMQ_SBIN)")
+    nodes: list[OwnBroker] = []
+
+    def start(extra_conf: str = "") -> OwnBroker:
+        node = OwnBroker(tmp_path_factory.mktemp("own-broker"), sbin, extra_conf)
+        nodes.append(node)
+        try:
+            return node.start()
+        except (OwnBrokerError, subprocess.SubprocessError) as e:
+            node.pid = node.pid or node._read_pid_file()
+            pytest.fail(f"cannot start an own RabbitMQ node: {e}", pytrace=False)
+
+    try:
+        yield start
+    finally:
+        for node in nodes:
+            node.stop()
+            node.remove_data()

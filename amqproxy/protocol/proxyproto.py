@@ -3,6 +3,9 @@
 Pure parsing: `parse(data)` returns None while the header is incomplete, the header's length
 and the original source address once it is whole, and raises ProxyHeaderError when the bytes
 are not a PROXY header. Only the source address matters to the proxy (limits, logs, audit).
+
+`encode(version, source, destination)` builds the header the proxy sends to a broker whose
+listener requires one (RabbitMQ's `proxy_protocol = true`).
 """
 
 from __future__ import annotations
@@ -87,3 +90,22 @@ def trusted(address: str, networks: list[ipaddress.IPv4Network | ipaddress.IPv6N
     except ValueError:
         return False
     return any(ip in network for network in networks)
+
+
+def encode(version: str, source: tuple[str, int], destination: tuple[str, int]) -> bytes:
+    """A PROXY header ("v1" text or "v2" binary, command PROXY over TCP) for these endpoints."""
+    src, dst = ipaddress.ip_address(source[0]), ipaddress.ip_address(destination[0])
+    if src.version != dst.version:  # e.g. an IPv4-mapped peer: fall back to the v6 forms
+        src, dst = _as_v6(src), _as_v6(dst)
+    if version == "v1":
+        family = "TCP4" if src.version == 4 else "TCP6"
+        return f"PROXY {family} {src} {dst} {source[1]} {destination[1]}\r\n".encode("ascii")
+    if version == "v2":
+        family = 0x11 if src.version == 4 else 0x21  # AF_INET / AF_INET6, STREAM
+        addresses = src.packed + dst.packed + struct.pack(">HH", source[1], destination[1])
+        return V2_SIGNATURE + struct.pack(">BBH", 0x21, family, len(addresses)) + addresses
+    raise ValueError(f"unknown PROXY protocol version {version!r}")
+
+
+def _as_v6(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> ipaddress.IPv6Address:
+    return ip if isinstance(ip, ipaddress.IPv6Address) else ipaddress.IPv6Address(f"::ffff:{ip}")

@@ -30,6 +30,14 @@ def test_repeated_upstream_flags():
     assert [n.label for n in config.upstream] == ["h1:5672", "h2:5673"]
 
 
+def test_proxy_protocol_per_upstream_url():
+    config = parse_config(["--upstream", "amqp://h1?proxy_protocol=v2,amqp://h2,amqps://h3?proxy_protocol=v1"], env={})
+    assert [n.proxy_protocol for n in config.upstream] == ["v2", "", "v1"]
+    for bad in ("amqp://h1?proxy_protocol=v3", "amqp://h1?heartbeat=5"):
+        with pytest.raises(ConfigError, match="--upstream"):
+            parse_config(["--upstream", bad], env={})
+
+
 @pytest.mark.parametrize(
     "argv,needle",
     [

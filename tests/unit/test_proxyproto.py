@@ -5,7 +5,7 @@ import struct
 
 import pytest
 
-from amqproxy.protocol.proxyproto import V2_SIGNATURE, ProxyHeaderError, parse, trusted
+from amqproxy.protocol.proxyproto import V2_SIGNATURE, ProxyHeaderError, encode, parse, trusted
 
 
 def test_v1_tcp4_and_tcp6():
@@ -64,3 +64,23 @@ def test_trusted_sources():
     networks = [ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("::1/128")]
     assert trusted("10.1.2.3", networks) and trusted("::1", networks)
     assert not trusted("192.0.2.1", networks) and not trusted("bogus", networks)
+
+
+@pytest.mark.parametrize(
+    ("source", "destination"),
+    [(("10.1.2.3", 40000), ("10.0.0.1", 5672)), (("2001:db8::7", 51000), ("2001:db8::1", 5672))],
+)
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_encoded_headers_parse_back_to_their_source(version, source, destination):
+    header = encode(version, source, destination)
+    assert parse(header + b"AMQP\x00\x00\x09\x01") == (len(header), source)
+
+
+def test_v1_header_is_the_spec_line():
+    assert encode("v1", ("127.0.0.1", 1234), ("127.0.0.1", 5672)) == (b"PROXY TCP4 127.0.0.1 127.0.0.1 1234 5672\r\n")
+
+
+def test_mixed_families_are_sent_as_ipv6():
+    header = encode("v1", ("::ffff:127.0.0.1", 1234), ("127.0.0.1", 5672))
+    assert header.startswith(b"PROXY TCP6 ")
+    assert parse(header) == (len(header), (str(ipaddress.ip_address("::ffff:127.0.0.1")), 1234))
