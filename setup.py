@@ -15,6 +15,7 @@ setup(
         "prometheus-client>=0.17",
         "configargparse>=1.7",
         "python-json-logger>=2.0.7",
+        "tomli>=2.0; python_version < '3.11'",
     ],
     extras_require={
         "test": [
@@ -28,6 +29,7 @@ setup(
             "ruff>=0.4",
             "locust>=2.20",
             "toxiproxy-python>=0.1.1",
+            "cryptography>=41",
         ],
     },
     entry_points={"console_scripts": ["amqproxy=amqproxy.cli:main"]},

@@ -8,9 +8,12 @@ when a token is configured. Nothing here ever shows a password.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
 import logging
+import os
+import socket
 import sys
 import time
 from collections import Counter
@@ -48,9 +51,11 @@ class HTTPError(Exception):
 
 
 class AdminServer:
-    def __init__(self, proxy: Proxy, address: tuple[str, int]) -> None:
+    def __init__(self, proxy: Proxy, address: tuple[str, int] | str) -> None:
+        """`address` is host and port, or the path of a unix socket (a worker under --workers)."""
         self.proxy = proxy
-        self._server = WSGIServer(address, self._app, log=None, error_log=log)
+        listener: tuple[str, int] | socket.socket = address if isinstance(address, tuple) else _unix_listener(address)
+        self._server = WSGIServer(listener, self._app, log=None, error_log=log)
         # path -> {method: (handler, needs_token)}; "/connections/" routes by prefix.
         self._routes: dict[str, dict[str, tuple[Callable[..., Any], bool]]] = {
             "/healthz": {"GET": (self._healthz, False)},
@@ -383,6 +388,16 @@ def _sample_stacks(seconds: float) -> dict[str, Any]:
         "self": [{"function": f, "share": round(n / samples, 4)} for f, n in own.most_common(40)],
         "inclusive": [{"function": f, "share": round(n / samples, 4)} for f, n in inclusive.most_common(40)],
     }
+
+
+def _unix_listener(path: str) -> socket.socket:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)  # left by a worker that died
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    os.chmod(path, 0o600)
+    sock.listen(128)
+    return sock
 
 
 def _vhost_argument(query: dict[str, str]) -> str:

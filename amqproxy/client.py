@@ -19,7 +19,9 @@ from typing import TYPE_CHECKING, Any
 
 import gevent
 
+from .access import USER_REFUSED_CODE, VHOST_REFUSED_CODE, user_refused_text, vhost_refused_text
 from .channel import Link
+from .limits import CLIENT_BYTE_RATE, Decision, Refusal, TokenBucket
 from .metrics import BYTES, CLIENT_TO_UPSTREAM, FORWARD_LATENCY_U2C, FRAMES
 from .outbox import Outbox
 from .protocol import constants as c
@@ -36,6 +38,8 @@ from .protocol.frames import (
     method_frame,
 )
 from .protocol.handshake import (
+    MECHANISMS,
+    MECHANISMS_WITH_EXTERNAL,
     AuthError,
     Credentials,
     client_capabilities,
@@ -49,6 +53,7 @@ from .upstream import UpstreamError
 
 if TYPE_CHECKING:
     from .server import Proxy
+    from .tls import PeerInfo
     from .upstream import Upstream
 
 log = logging.getLogger("amqproxy.client")
@@ -61,9 +66,8 @@ _CHANNEL_OPEN = encode_method(c.CHANNEL_OPEN)
 _CHANNEL_OPEN_OK = encode_method(c.CHANNEL_OPEN_OK)
 _CHANNEL_CLOSE_OK = encode_method(c.CHANNEL_CLOSE_OK)
 _CLOSE_OK_WAIT = 3.0  # how long a client gets to answer our Connection.Close
-# A client whose outbox stays above --client-buffer this long is disconnected; one whose outbox
-# passes this many times the limit is disconnected at once (memory stays bounded either way).
-SLOW_CLIENT_GRACE = 2.0
+# A client whose outbox stays above --client-buffer for --slow-client-grace is disconnected; one
+# whose outbox passes this many times the limit is disconnected at once (memory stays bounded).
 _HARD_BUFFER_FACTOR = 4
 _ids = itertools.count(1)
 _id_prefix = f"{os.getpid() % 0xFFFF:04x}"
@@ -82,6 +86,13 @@ class ClientSession:
         self.peer_host = str(address[0]) if address else ""
         self.address = f"{address[0]}:{address[1]}" if len(address) >= 2 else str(address)
         self.proxied_by: str | None = None  # the balancer's address when a PROXY header named the client
+        self.client_host = self.peer_host  # the client's own address (a trusted PROXY header's source)
+        self._limit_held: list[tuple[str, str]] = []  # connection-limit slots this client holds
+        self._limit_refusal: Refusal | None = None  # a limit refused this client: told at Connection.Open
+        self._byte_bucket: TokenBucket | None = None  # --client-byte-rate
+        self._byte_rate_noted = False
+        self.tls: PeerInfo | None = None  # set by the TLS listener: version, cipher, certificate subject
+        self.auth_user = ""  # the --auth-file user; self.credentials are then the broker's, mapped
         self.id = f"{_id_prefix}-{next(_ids):x}"
         self.channels: dict[int, Link] = {}
         self.capabilities: frozenset[str] = frozenset()
@@ -126,6 +137,8 @@ class ClientSession:
         extra = {"event": event, "client_id": self.id, "remote": self.address}
         if self.credentials is not None:
             extra["user"] = self.credentials.username
+        if self.auth_user:
+            extra["auth_user"] = self.auth_user
         if self.vhost is not None:
             extra["vhost"] = self.vhost
         extra.update(fields)
@@ -256,6 +269,8 @@ class ClientSession:
             return
         self._torn_down = True
         self.closing = True
+        self.proxy.limits.release(self._limit_held)
+        self._limit_held = []
         self._release_channels()
         for upstream in self.blocked_by:
             upstream.blocked_clients.discard(self)
@@ -288,7 +303,7 @@ class ClientSession:
                 "vhost": self.vhost,
                 "remote": self.address,
                 "proxied_by": self.proxied_by,
-                "tls_subject": None,
+                "tls_subject": (self.tls.subject_dn or None) if self.tls is not None else None,
                 "opened_at": datetime.fromtimestamp(self.connected_at, timezone.utc).isoformat(),
                 "duration_s": round(time.monotonic() - self.opened_at, 3),
                 "bytes_in": self.bytes_in,
@@ -405,17 +420,24 @@ class ClientSession:
         if source is not None:
             self.proxied_by = self.address
             host, port = source
+            self.client_host = host
             self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         return data[consumed:]
 
     def _handshake(self) -> None:
         self._handshake_deadline = time.monotonic() + self.config.handshake_timeout
         header = b""
-        if self.config.accept_proxy_protocol and proxyproto.trusted(self.peer_host, self.config.proxy_protocol_from):
+        # On the TLS listener a PROXY header precedes the TLS handshake and was read there.
+        if (
+            self.tls is None
+            and self.config.accept_proxy_protocol
+            and proxyproto.trusted(self.peer_host, self.config.proxy_protocol_from)
+        ):
             header = self._read_proxy_header()
             header, rest = header[:8], header[8:]
             if rest:
                 self._reader.feed(rest)
+        self._admit_address()
         while len(header) < 8:
             data = self._handshake_recv(8 - len(header))
             if not data:
@@ -428,16 +450,21 @@ class ClientSession:
             self.outbox.put(c.PROTOCOL_HEADER)
             self.proxy.metrics.client_refused("protocol_header")
             raise _Refused("unsupported protocol header")
-        self.outbox.put(method_frame(0, start_payload()))
+        external = self._external_offered()
+        self.outbox.put(method_frame(0, start_payload(mechanisms=MECHANISMS_WITH_EXTERNAL if external else MECHANISMS)))
         start_ok = self._read_handshake_method(c.CONNECTION_START_OK)
         self.capabilities = client_capabilities(start_ok["client_properties"])
         try:
-            credentials = parse_credentials(start_ok["mechanism"], start_ok["response"])
+            credentials = parse_credentials(start_ok["mechanism"], start_ok["response"], external)
         except AuthError as exc:
             self._refuse(exc.reply_code, exc.text, c.CONNECTION_START_OK, "auth")
+        if self.config.auth is not None:
+            credentials = self._proxy_login(credentials)
         self.credentials = credentials
+        self._admit_user(self.auth_user or credentials.username)
         try:
-            self._upstream_wait(self.pool.authenticate, credentials)
+            if self._limit_refusal is None:  # a refused client causes no upstream work
+                self._upstream_wait(self.pool.authenticate, credentials)
         except UpstreamError as exc:
             self._refuse_upstream(exc, c.CONNECTION_START_OK)
         channel_max = negotiate(self.config.channel_max, self.pool.channel_max)
@@ -465,6 +492,7 @@ class ClientSession:
         self.heartbeat = tune_ok["heartbeat"]
         open_args = self._read_handshake_method(c.CONNECTION_OPEN)
         vhost = open_args["virtual_host"]
+        self._admit_vhost(vhost)
         if not self._paused_wait(vhost):
             self._refuse(
                 c.CONNECTION_FORCED,
@@ -480,6 +508,35 @@ class ClientSession:
         self.pool_key = (credentials.username, credentials.password, vhost)
         self.outbox.put(method_frame(0, encode_method(c.CONNECTION_OPEN_OK)))
         self.proxy.metrics.client_opened(self)
+        self._byte_bucket = self.proxy.limits.byte_rate_bucket(time.monotonic())
+
+    def _external_offered(self) -> bool:
+        """EXTERNAL: a verified client certificate, and an --auth-file that maps subjects to users."""
+        auth = self.config.auth
+        return bool(self.tls is not None and self.tls.subject_dn and auth is not None and auth.subjects)
+
+    def _proxy_login(self, credentials: Credentials) -> Credentials:
+        """--auth-file: check the client against the proxy's credentials and return the broker
+        credentials its user maps to; refuse with RabbitMQ's 403 otherwise."""
+        auth = self.config.auth
+        assert auth is not None
+        if credentials.mechanism == "EXTERNAL":
+            assert self.tls is not None
+            user = auth.user_for_subject(self.tls.subject_dn, self.tls.subject_cn)
+            self.auth_user = user.name if user is not None else self.tls.subject_dn
+        else:
+            self.auth_user = credentials.username
+            user = auth.verify(credentials.username, credentials.password)
+        if user is None:
+            self._refuse(
+                c.ACCESS_REFUSED,
+                f"ACCESS_REFUSED - Login was refused using authentication mechanism {credentials.mechanism}. "
+                "For details see the broker logfile.",
+                c.CONNECTION_START_OK,
+                "auth",
+            )
+        assert user is not None  # _refuse raised
+        return Credentials(user.upstream_user, user.upstream_password, "PLAIN")
 
     def _refuse_upstream(self, exc: UpstreamError, method: tuple[int, int]) -> None:
         if exc.reply_code:
@@ -496,12 +553,12 @@ class ClientSession:
             "breaker_open" if breaker else "upstream_unavailable",
         )
 
-    def _refuse(self, reply_code: int, text: str, method: tuple[int, int], reason: str) -> None:
-        """Refuse the handshake (reasons: auth, vhost, limit, upstream_unavailable, breaker_open)."""
+    def _refuse(self, reply_code: int, text: str, method: tuple[int, int], reason: str, **fields: Any) -> None:
+        """Refuse the handshake (reasons: auth, vhost, limit, access, upstream_unavailable, breaker_open)."""
         self.proxy.metrics.client_refused(reason)
         log.warning(
             "client refused",
-            extra=self._log_extra("client_refused", reason=reason, reply_code=reply_code, reply_text=text),
+            extra=self._log_extra("client_refused", reason=reason, reply_code=reply_code, reply_text=text, **fields),
         )
         if reply_code == c.ACCESS_REFUSED and method == c.CONNECTION_START_OK:
             if "authentication_failure_close" not in self.capabilities:
@@ -518,6 +575,101 @@ class ClientSession:
         )
         self._await_close_ok()
         raise _Refused(text)
+
+    # ------------------------------------------------------------------ limits and access (#5)
+
+    def _admit_address(self) -> None:
+        """--allow-cidr/--deny-cidr, then the global and per-address limits: right after accept
+        (and the PROXY header), before any AMQP byte is sent. A denied address gets a TCP close."""
+        denied = self.proxy.address_filter.check(self.client_host)
+        if denied is not None:
+            self.proxy.metrics.access_denied(denied)
+            self.proxy.metrics.client_refused("access")
+            log.warning("client address refused", extra=self._log_extra("access_denied", reason=denied))
+            raise _Refused(f"address {denied} by --allow-cidr/--deny-cidr")
+        self._apply_limits(self.proxy.limits.admit_address(self.client_host))
+
+    def _admit_user(self, user: str) -> None:
+        """At StartOk, before any upstream work: --authz-policy for the user, the per-user limits.
+        `user` is the name the client logged in with (its --auth-file name, not the broker user)."""
+        policy = self.proxy.config.authz_policy
+        if policy is not None and not policy.user_allowed(user):
+            self._deny(USER_REFUSED_CODE, user_refused_text(user), c.CONNECTION_START_OK, "authz_user")
+        if self._limit_refusal is None:
+            self._apply_limits(self.proxy.limits.admit_user(user))
+
+    def _admit_vhost(self, vhost: str) -> None:
+        """At Connection.Open, before any upstream work: --authz-policy for the vhost, the per-vhost
+        limit, and any limit that refused this client earlier (RabbitMQ refuses its connection
+        limits here too, with 530). The user is the client's own login (its --auth-file name)."""
+        user = self.auth_user or self.username
+        policy = self.proxy.config.authz_policy
+        if policy is not None and not policy.vhost_allowed(user, vhost):
+            self._deny(VHOST_REFUSED_CODE, vhost_refused_text(user, vhost), c.CONNECTION_OPEN, "authz_vhost")
+        if self._limit_refusal is None:
+            self._apply_limits(self.proxy.limits.admit_vhost(vhost, user))
+        refusal = self._limit_refusal
+        if refusal is not None:
+            self.proxy.metrics.limit_hit(refusal.limit, True)
+            self._refusal_delay()
+            self._refuse(refusal.reply_code, refusal.text, c.CONNECTION_OPEN, "limit", limit=refusal.limit)
+
+    def _apply_limits(self, decision: Decision) -> None:
+        self._limit_held += decision.held
+        for alarm in decision.alarms:
+            self.proxy.metrics.limit_hit(alarm.limit, False)
+            log.warning(
+                "limit reached (alarm only: admitted)",
+                extra=self._log_extra(
+                    "limit_alarm", limit=alarm.limit, reply_code=alarm.reply_code, reply_text=alarm.text
+                ),
+            )
+        if decision.refusal is not None and self._limit_refusal is None:
+            self._limit_refusal = decision.refusal
+
+    def _deny(self, reply_code: int, text: str, method: tuple[int, int], reason: str) -> None:
+        """Refused by --authz-policy (after --limit-refusal-delay)."""
+        self.proxy.metrics.access_denied(reason)
+        self._refusal_delay()
+        self._refuse(reply_code, text, method, "access", access=reason)
+
+    def _refusal_delay(self) -> None:
+        """Hold a refused client a moment so that its retry loop does not spin; only this
+        greenlet waits. Not counted against the client's handshake time."""
+        delay = self.proxy.limits.refusal_delay
+        if delay > 0:
+            gevent.sleep(delay)
+            self._handshake_deadline += delay
+
+    def _pace(self, nbytes: int) -> None:
+        """--client-byte-rate: a client reading faster than the rate is not read for a while."""
+        bucket = self._byte_bucket
+        assert bucket is not None
+        delay = bucket.debit(time.monotonic(), nbytes)
+        if delay <= 0:
+            return
+        limits = self.proxy.limits
+        enforced = CLIENT_BYTE_RATE not in limits.alarm_only
+        if not self._byte_rate_noted:  # counted and logged once per connection
+            self._byte_rate_noted = True
+            self.proxy.metrics.limit_hit(CLIENT_BYTE_RATE, enforced)
+            log.warning(
+                "client byte rate limit reached" + ("" if enforced else " (alarm only: not slowed)"),
+                extra=self._log_extra(
+                    "limit_throttle" if enforced else "limit_alarm",
+                    limit=CLIENT_BYTE_RATE,
+                    rate=limits.client_byte_rate,
+                ),
+            )
+        if not enforced:
+            bucket.tokens = 0.0
+            return
+        self.throttled = True  # not reading the client is our doing, not a missed heartbeat
+        try:
+            gevent.sleep(delay)
+        finally:
+            self.throttled = False
+            self.last_recv = self._received_at = time.monotonic()  # the wait is not forwarding latency
 
     # ------------------------------------------------------------------ forwarding (hot path)
 
@@ -542,6 +694,8 @@ class ClientSession:
                 return
             self.last_recv = self._received_at = time.monotonic()
             self.bytes_in += len(data)
+            if self._byte_bucket is not None:
+                self._pace(len(data))  # --client-byte-rate: wait before this read goes on
             reader.feed(data)
             buf = reader.buffer
             available = len(buf)
@@ -913,10 +1067,10 @@ class ClientSession:
         if self.over_buffer_since is not None:
             if self.outbox.buffered <= self.config.client_buffer:
                 self.over_buffer_since = None
-            elif now - self.over_buffer_since > SLOW_CLIENT_GRACE:
+            elif now - self.over_buffer_since > self.proxy.config.slow_client_grace:
                 self.abort(
                     f"slow client: more than {self.config.client_buffer} bytes waiting to be written "
-                    f"for over {SLOW_CLIENT_GRACE:g} s",
+                    f"for over {self.proxy.config.slow_client_grace:g} s",
                     "slow_client",
                 )
                 return

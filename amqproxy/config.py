@@ -66,6 +66,7 @@ class Config:
     client_buffer: int = 64 * 1024 * 1024
     upstream_buffer: int = 4 * 1024 * 1024
     backlog: int = 1024
+    workers: int = 1
     drain_timeout: float = 30.0
     pause_timeout: float = 60.0
     accept_proxy_protocol: bool = False
@@ -172,6 +173,12 @@ def _positive_int(value: str) -> int:
     if number <= 0:
         raise ValueError("must be a positive integer")
     return number
+
+
+def _workers(value: str) -> int:
+    if value.strip().lower() == "auto":
+        return os.cpu_count() or 1
+    return _positive_int(value)
 
 
 def _non_negative_int(value: str) -> int:
@@ -373,6 +380,14 @@ OPTIONS: tuple[Option, ...] = (
         "BYTES",
     ),
     Option("backlog", _positive_int, "1024", "listen backlog of the client socket", "N", reloadable=False),
+    Option(
+        "workers",
+        _workers,
+        "1",
+        "worker processes sharing the listen port (SO_REUSEPORT), each with its own pool; auto = CPU count",
+        "N",
+        reloadable=False,
+    ),
     Option(
         "drain_timeout",
         _non_negative_float,
@@ -821,5 +836,22 @@ def options_markdown() -> str:
     return "\n".join(rows) + "\n"
 
 
+def write_option_tables(paths: list[str]) -> None:
+    """Replace the option table in each Markdown file (from its header row to the next blank line)."""
+    table = options_markdown().rstrip("\n")
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        start = text.index("| flag | env var |")
+        end = text.find("\n\n", start)
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text[:start] + table + (text[end:] if end >= 0 else "\n"))
+
+
 if __name__ == "__main__":
-    print(options_markdown(), end="")
+    # `python -m amqproxy.config` prints the table; `--write-docs` regenerates it in place in the
+    # README and the configuration reference (run from the repository root).
+    if sys.argv[1:] == ["--write-docs"]:
+        write_option_tables(["README.md", "docs/CONFIGURATION.md"])
+    else:
+        print(options_markdown(), end="")

@@ -28,8 +28,24 @@ class _TextFormatter(logging.Formatter):
         return base
 
 
+_static_fields: dict[str, object] = {}
+
+
+def set_static_fields(**fields: object) -> None:
+    """Fields on every line from now on (a worker's index under --workers)."""
+    _static_fields.update(fields)
+
+
+def _add_static_fields(record: logging.LogRecord) -> bool:
+    for name, value in _static_fields.items():
+        setattr(record, name, value)
+    return True
+
+
 def setup_logging(level: str, fmt: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
+    if _static_fields:
+        handler.addFilter(_add_static_fields)
     if fmt == "json":
         handler.setFormatter(
             JsonFormatter(

@@ -12,6 +12,7 @@ connection ids, queue names, free text or passwords.
 
 from __future__ import annotations
 
+import os
 import platform
 import time
 from collections import Counter as Tally
@@ -19,8 +20,8 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import gevent
-from prometheus_client import REGISTRY, Counter, Histogram, Info
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, Histogram, Info
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector
 
 from . import __version__
@@ -43,14 +44,9 @@ UPSTREAM_TO_CLIENT = "upstream_to_client"
 FRAMES = {CLIENT_TO_UPSTREAM: [0] * 9, UPSTREAM_TO_CLIENT: [0] * 9}
 BYTES = {CLIENT_TO_UPSTREAM: [0] * 9, UPSTREAM_TO_CLIENT: [0] * 9}
 
+BUILD_LABELS = {"version": __version__, "python": platform.python_version(), "gevent": gevent.__version__}
 BUILD_INFO = Info("amqproxy_build", "amqproxy version and build")
-BUILD_INFO.info(
-    {
-        "version": __version__,
-        "python": platform.python_version(),
-        "gevent": gevent.__version__,
-    }
-)
+BUILD_INFO.info(BUILD_LABELS)
 
 CLIENTS_OPENED = Counter(
     "amqproxy_client_connections_opened_total", "Client connections that completed the handshake", ["vhost", "user"]
@@ -89,6 +85,16 @@ BREAKER_TRANSITIONS = Counter(
 )
 RELOADS = Counter(
     "amqproxy_config_reloads_total", "Configuration reloads by result: applied, needs_restart, rejected", ["result"]
+)
+LIMIT_REFUSALS = Counter(
+    "amqproxy_limit_refusals_total",
+    "Client connections a limit refused (mode enforced) or would have refused (mode alarm), by limit",
+    ["limit", "mode"],
+)
+ACCESS_DENIED = Counter(
+    "amqproxy_access_denied_total",
+    "Client connections refused by --allow-cidr/--deny-cidr or --authz-policy, by reason",
+    ["reason"],
 )
 HANDSHAKE_DURATION = Histogram(
     "amqproxy_handshake_duration_seconds",
@@ -167,6 +173,12 @@ class Metrics:
 
     def breaker_change(self, node: str, old: str, new: str) -> None:
         BREAKER_TRANSITIONS.labels(node, old, new).inc()
+
+    def limit_hit(self, limit: str, enforced: bool) -> None:
+        LIMIT_REFUSALS.labels(limit, "enforced" if enforced else "alarm").inc()
+
+    def access_denied(self, reason: str) -> None:
+        ACCESS_DENIED.labels(reason).inc()
 
 
 class LiveStateCollector(Collector):
@@ -259,3 +271,97 @@ class LiveStateCollector(Collector):
                 nbytes.add_metric([direction, name], BYTES[direction][frame_type])
         yield frames
         yield nbytes
+
+
+# ---------------------------------------------------------------------------- --workers N
+# With several worker processes, prometheus-client's multiprocess mode (PROMETHEUS_MULTIPROC_DIR,
+# set by the supervisor before anything imports prometheus_client) keeps every counter and
+# histogram above in per-process files that the supervisor sums at scrape time. The live-state
+# gauges have no files of their own, so each worker copies them there once per janitor tick.
+
+WORKER_RESTARTS = Counter("amqproxy_worker_restarts_total", "Worker processes restarted after they died")
+# Gauges whose sum over workers would mislead: the worst worker's value is reported instead.
+_MAX_OVER_WORKERS = {"amqproxy_breaker_state"}
+
+
+def multiprocess_enabled() -> bool:
+    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+
+class MultiprocessBridge:
+    """Copies LiveStateCollector's scrape-time values into multiprocess gauges and counters."""
+
+    def __init__(self, proxy: Proxy) -> None:
+        self.collector = LiveStateCollector(proxy)
+        self.gauges: dict[str, Gauge] = {}
+        self.counters: dict[str, Counter] = {}
+        self.last: dict[tuple[str, tuple[str, ...]], float] = {}
+
+    def sync(self) -> None:
+        seen: set[tuple[str, tuple[str, ...]]] = set()
+        for family in self.collector.collect():
+            for sample in family.samples:
+                labels = tuple(sample.labels[name] for name in sorted(sample.labels))
+                key = (family.name, labels)
+                if family.type == "counter":
+                    if not sample.name.endswith("_total"):
+                        continue  # the _created sample
+                    counter = self._counter(family.name, family.documentation, sorted(sample.labels))
+                    delta = sample.value - self.last.get(key, 0.0)
+                    if delta > 0:
+                        (counter.labels(*labels) if labels else counter).inc(delta)
+                else:
+                    gauge = self._gauge(family.name, family.documentation, sorted(sample.labels))
+                    (gauge.labels(*labels) if labels else gauge).set(sample.value)
+                self.last[key] = sample.value
+                seen.add(key)
+        for name, labels in [key for key in self.last if key not in seen]:
+            gauge_or_none = self.gauges.get(name)
+            if gauge_or_none is not None:  # a label set that went away (a vhost's last client left)
+                (gauge_or_none.labels(*labels) if labels else gauge_or_none).set(0)
+            del self.last[(name, labels)]
+
+    def _gauge(self, name: str, documentation: str, labels: list[str]) -> Gauge:
+        if name not in self.gauges:
+            if name in _MAX_OVER_WORKERS:
+                gauge = Gauge(name, documentation, labels, registry=None, multiprocess_mode="livemax")
+            else:
+                gauge = Gauge(name, documentation, labels, registry=None, multiprocess_mode="livesum")
+            self.gauges[name] = gauge
+        return self.gauges[name]
+
+    def _counter(self, name: str, documentation: str, labels: list[str]) -> Counter:
+        if name not in self.counters:
+            self.counters[name] = Counter(name, documentation, labels, registry=None)
+        return self.counters[name]
+
+
+def mark_worker_dead(pid: int) -> None:
+    """Drop a dead worker's live gauges (its counters stay: totals survive restarts)."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(pid)
+
+
+def multiprocess_exposition(supervisor_state: dict[str, int]) -> tuple[bytes, str]:
+    """The /metrics text of the whole proxy: every process's files plus the supervisor's view."""
+    from prometheus_client import CollectorRegistry, generate_latest, multiprocess
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+    registry.register(_SupervisorCollector(supervisor_state))
+    return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+class _SupervisorCollector(Collector):
+    def __init__(self, state: dict[str, int]) -> None:
+        self.state = state
+
+    def collect(self) -> Iterator[GaugeMetricFamily | InfoMetricFamily]:
+        info = InfoMetricFamily("amqproxy_build", "amqproxy version and build")
+        info.add_metric([], BUILD_LABELS)
+        yield info
+        workers = GaugeMetricFamily("amqproxy_workers", "Worker processes: configured and alive", labels=["state"])
+        workers.add_metric(["configured"], self.state["workers"])
+        workers.add_metric(["alive"], self.state["alive"])
+        yield workers

@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import time
 from typing import Any
 
@@ -18,12 +19,14 @@ import gevent
 from gevent.event import Event
 from gevent.server import StreamServer
 
-from . import __version__
+from . import __version__, tls
+from .access import AddressFilter
 from .admin import AdminServer
 from .client import ClientSession
 from .config import OPTIONS, Config, ConfigError, parse_config, restart_only_changes
+from .limits import Limits
 from .logsetup import setup_logging
-from .metrics import RELOADS, Metrics
+from .metrics import RELOADS, Metrics, MultiprocessBridge, multiprocess_enabled
 from .pool import Pool
 from .protocol import constants as c
 
@@ -35,15 +38,22 @@ DRAIN_REPORT_INTERVAL = 5.0
 
 
 class Proxy:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, admin_socket: str | None = None) -> None:
         self.config = config
+        # Under --workers, the admin API listens on this unix socket for the supervisor instead.
+        self.admin_socket = admin_socket
         self.metrics = Metrics(self)
+        self._metrics_bridge = MultiprocessBridge(self) if multiprocess_enabled() else None
         self.pool = Pool(config, self.metrics)
+        self.limits = Limits(config)
+        self.address_filter = AddressFilter.from_lists(config.allow_cidr, config.deny_cidr)
         self.sessions: set[ClientSession] = set()
         self.stopping = False
         self._paused: dict[str, Event] = {}  # vhost -> event set on resume
         self._stopped = Event()
         self._server: StreamServer | None = None
+        self._tls_server: StreamServer | None = None  # --tls-listen
+        self._tls_context: ssl.SSLContext | None = None  # the TLS listener's, as of the last reload
         self._admin: AdminServer | None = None
         self._janitor: gevent.Greenlet | None = None
 
@@ -53,8 +63,13 @@ class Proxy:
         listener = _listen(self.config.listen, self.config.backlog)
         self._server = StreamServer(listener, self._handle)
         self._server.start()
-        if self.config.http_listen is not None:
-            self._admin = AdminServer(self, self.config.http_listen)
+        if self.config.tls_listen is not None:
+            self._tls_context = self.config.tls_server
+            self._tls_server = StreamServer(_listen(self.config.tls_listen, self.config.backlog), self._handle_tls)
+            self._tls_server.start()
+        admin_address = self.admin_socket or self.config.http_listen
+        if admin_address is not None:
+            self._admin = AdminServer(self, admin_address)
             self._admin.start()
         self._janitor = gevent.spawn(self._janitor_loop)
         log.info(
@@ -63,6 +78,7 @@ class Proxy:
                 "event": "start",
                 "version": __version__,
                 "listen": "{}:{}".format(*self.config.listen),
+                "tls_listen": "{}:{}".format(*self.config.tls_listen) if self.config.tls_listen else None,
                 "upstreams": [node.label for node in self.config.upstream],
                 "http_listen": "{}:{}".format(*self.config.http_listen) if self.config.http_listen else None,
             },
@@ -92,6 +108,8 @@ class Proxy:
     def _stop(self, why: str) -> None:
         if self._server is not None:
             self._server.close()  # no new clients; /readyz answers 503 from now on
+        if self._tls_server is not None:
+            self._tls_server.close()
         log.info(
             "amqproxy draining",
             extra={
@@ -196,6 +214,8 @@ class Proxy:
         changed = [o.flag for o in OPTIONS if getattr(self.config, o.name) != getattr(new, o.name)]
         self.config = new
         self.pool.reconfigure(new)
+        self.limits.configure(new)
+        self.address_filter = AddressFilter.from_lists(new.allow_cidr, new.deny_cidr)
         setup_logging(new.log_level, new.log_format)
         result = "needs_restart" if restart else "applied"
         RELOADS.labels(result).inc()
@@ -213,6 +233,39 @@ class Proxy:
         self.sessions.add(session)
         session.run()
 
+    def _handle_tls(self, sock: socket.socket, address: tuple) -> None:
+        """--tls-listen: the TLS handshake in this client's greenlet, with the certificate of the
+        configuration current now (a reload changes it for new clients only); a failure is logged
+        once, counted, and ends only this connection."""
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # A reload that turned --tls-listen off (needs a restart) built no context: keep the last one.
+        self._tls_context = self.config.tls_server or self._tls_context
+        assert self._tls_context is not None
+        try:
+            tls_sock, peer, source = tls.accept(sock, address, self.config, self._tls_context)
+        except tls.HandshakeFailed as exc:
+            self.metrics.client_refused("tls_handshake")
+            log.warning(
+                "client TLS handshake failed",
+                extra={"event": "tls_handshake_failed", "remote": f"{address[0]}:{address[1]}", "error": str(exc)},
+            )
+            return
+        try:
+            session = ClientSession(self, tls_sock, address)
+            session.tls = peer
+            if source is not None:  # a PROXY header before the TLS bytes named the real client
+                session.proxied_by = session.address
+                session.client_host = source[0]
+                session.address = f"[{source[0]}]:{source[1]}" if ":" in source[0] else f"{source[0]}:{source[1]}"
+            self.sessions.add(session)
+            session.run()
+        finally:
+            tls_sock.close()
+
+    @property
+    def tls_address(self) -> tuple[str, int] | None:
+        return self._tls_server.address if self._tls_server is not None else None
+
     def forget(self, session: ClientSession) -> None:
         self.sessions.discard(session)
 
@@ -227,6 +280,8 @@ class Proxy:
                     session.tick(now)
                 self.pool.tick(now)
                 self.pool.reap(now)
+                if self._metrics_bridge is not None:
+                    self._metrics_bridge.sync()
             except Exception:  # the janitor must survive anything one connection does
                 log.exception("janitor error", extra={"event": "janitor_error"})
 

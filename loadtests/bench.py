@@ -3,9 +3,11 @@
 
 Run from the repository root (RabbitMQ on 127.0.0.1:5672, guest/guest)::
 
-    python loadtests/bench.py                  # 3 rounds, ~3 minutes
+    python loadtests/bench.py                  # 3 rounds, all workloads, ~6 minutes
     python loadtests/bench.py --quick          # smoke run, 1 round, ~20 s
     python loadtests/bench.py --workloads churn,latency --rounds 5 --json out.json
+    python loadtests/bench.py --workloads idle --idle-clients 1000,10000 --rounds 1
+    python loadtests/bench.py --compare-workers 2      # churn/open_rate also vs --workers 2
     python loadtests/bench.py --help           # all knobs (durations, rates, window, ...)
 
 Method
@@ -38,9 +40,10 @@ Clients. The two throughput workloads use ``RawAMQP`` below: a minimal AMQP 0-9-
 (handshake via pamqp, then pre-encoded publish frames written in batches, incoming frames
 scanned with ``struct``). py-amqp tops out near 10k msg/s per process on this machine,
 below what the broker does, which would make the client the bottleneck and hide the
-proxy's cost. Latency and churn use py-amqp, an ordinary synchronous client: at 1000 msg/s
-and a few hundred connections/s it is not the limit, and churn should pay a real client's
-handshake. Both targets always get byte-for-byte the same client behaviour.
+proxy's cost. Churn, open_rate and idle use RawAMQP too (open_rate and idle from gevent
+greenlets, many handshakes in flight per process). Latency uses py-amqp, an ordinary
+synchronous client: at 1000 msg/s it is not the limit. Both targets always get
+byte-for-byte the same client behaviour.
 
 Workloads (all bodies 1 KB, transient messages, default exchange -> one queue):
 
@@ -63,13 +66,40 @@ Workloads (all bodies 1 KB, transient messages, default exchange -> one queue):
     consumer reads 0.5 s past the window; messages sent in the window that never arrive are
     a failed check (message loss).
 ``churn``  ``--churn-workers`` (8) processes, each looping: connect, open channel, publish 1
-    message, close the connection. Metric: completed cycles per second, summed over workers
-    (higher is better). This is the short-lived-client pattern the proxy exists for. Every
-    completed cycle must have left its message in the (unconsumed, uncapped) queue; a
-    shortfall is a failed check (message loss).
+    message, close the connection (Close / Close-Ok). Metric: completed cycles per second,
+    summed over workers (higher is better). This is the short-lived-client pattern the proxy
+    exists for. Every completed cycle must have left its message in the (unconsumed, uncapped)
+    queue; a shortfall is a failed check (message loss). ``--churn-client raw`` (default) uses
+    RawAMQP; ``--churn-client py-amqp`` a real client library, which costs about 2.5 ms of CPU
+    per cycle on the 2-core box (more than the proxy or the broker spend on it), so with it
+    the load generator, not the proxy, bounds the ratio.
+``throughput_2p2c_confirms``  2 confirm publishers (as above, each with its own window) + 2
+    no-ack consumers on one queue, four processes. Metric: messages *published and confirmed*
+    per second, summed over the publishers (higher is better).
+``open_rate``  ``--open-conns`` (500) connections opened at once from ``--open-procs`` (4)
+    processes: each process runs one gevent greenlet per connection (gevent sockets, no
+    monkey-patching) doing the raw handshake up to Connection.OpenOk, all in flight together.
+    Metric: connections / (time of the last OpenOk - the common start), higher is better. The
+    connections are closed afterwards (not measured).
+``idle``  proxy only (the broker would see every client): for each count in
+    ``--idle-clients`` (1000,5000,10000), ``--idle-procs`` (4) processes open that many idle
+    connections (raw handshake, heartbeat 0, no channel; at most 100 handshakes in flight per
+    process), hold them ``--idle-hold`` s (3), then close them. Reported per count: open rate,
+    how many the proxy held (``/healthz`` clients), connection errors, the proxy's RSS (process
+    tree, /proc VmRSS) before, with and 3 s after the clients, RSS per client
+    ((with - before) / clients) and the share of that growth returned after they left, and the
+    proxy's upstream connections meanwhile (``/stats``: the broker sees only those). A count
+    that is not held entirely, or any connection error, is a failed check. The script raises
+    its soft RLIMIT_NOFILE to the hard limit first; the proxy and the load processes inherit it.
+
+``--compare-workers N`` starts a second proxy with ``--workers N`` (target ``proxy_wN``) and
+adds it to the churn and open_rate runs, so one invocation shows workers=1 and workers=N side
+by side (each row's ratio is against direct in the same round). ``--variant NAME=ARGS``
+(repeatable) does the same for any proxy arguments, in every workload but idle: e.g.
+``--variant 'ci5=--upstream-check-interval 5'`` shows a setting's before/after in one run.
 
 CPU: for each run the script records CPU seconds (utime+stime from /proc) of the proxy
-process (proxy runs only), of the load-generator processes (each worker's own
+process tree (proxy runs only; workers included), of the load-generator processes (each worker's own
 ``time.process_time()``, including its setup), and of the broker (``beam.smp`` running
 ``-s rabbit boot``; informational, it includes whatever else uses the broker meanwhile).
 All CPU numbers cover the whole run (setup, warm-up, window), not just the window;
@@ -96,6 +126,8 @@ import multiprocessing as mp
 import os
 import platform
 import queue as queue_mod
+import re
+import resource
 import signal
 import socket
 import statistics
@@ -141,6 +173,14 @@ class Settings:
     confirm_window: int
     latency_rate: int
     churn_workers: int
+    churn_client: str = "raw"
+    open_conns: int = 500
+    open_procs: int = 4
+    idle_clients: list[int] = field(default_factory=lambda: [1000, 5000, 10000])
+    idle_procs: int = 4
+    idle_concurrency: int = 100
+    idle_hold: float = 3.0
+    idle_settle: float = 3.0
 
 
 @dataclass
@@ -148,6 +188,8 @@ class Target:
     name: str
     host: str
     port: int
+    pid: int | None = None  # the proxy process (for RSS), proxy targets only
+    http_port: int | None = None  # its admin HTTP port
 
 
 def connect(target: Target) -> amqp.Connection:
@@ -192,8 +234,9 @@ class RawAMQP:
     One channel (1), no heartbeats, PLAIN guest/guest.
     """
 
-    def __init__(self, target: Target, timeout: float = 10.0):
-        self.sock = socket.create_connection((target.host, target.port), timeout=timeout)
+    def __init__(self, target: Target, timeout: float = 10.0, sockmod=socket, channel: bool = True):
+        # sockmod: the socket module (gevent.socket for many concurrent handshakes in one process)
+        self.sock = sockmod.create_connection((target.host, target.port), timeout=timeout)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.buf = bytearray()
         self.sock.sendall(b"AMQP\x00\x00\x09\x01")
@@ -204,8 +247,9 @@ class RawAMQP:
         self.send(0, pc.Connection.TuneOk(channel_max=tune.channel_max or 2047, frame_max=frame_max, heartbeat=0))
         self.send(0, pc.Connection.Open(virtual_host="/"))
         self.expect(pc.Connection.OpenOk)
-        self.send(1, pc.Channel.Open())
-        self.expect(pc.Channel.OpenOk)
+        if channel:
+            self.send(1, pc.Channel.Open())
+            self.expect(pc.Channel.OpenOk)
 
     def send(self, channel: int, frame) -> None:
         self.sock.sendall(pamqp.frame.marshal(frame, channel))
@@ -551,10 +595,37 @@ def w_latency_consumer(ctx: WorkerCtx, target: Target, p: dict) -> dict:
     }
 
 
+def _raw_cycle(target: Target, frames: bytes) -> None:
+    """One churn cycle with RawAMQP: handshake, channel.open, publish, Connection.Close/CloseOk."""
+    raw = RawAMQP(target)
+    try:
+        raw.sock.sendall(frames)
+        raw.send(0, pc.Connection.Close(reply_code=200, reply_text="bye", class_id=0, method_id=0))
+        raw.expect(pc.Connection.CloseOk)
+    finally:
+        raw.sock.close()
+
+
 def w_churn(ctx: WorkerCtx, target: Target, p: dict) -> dict:
-    """Loop: connect, open channel, publish 1 message, close. Count completed cycles."""
+    """Loop: connect, open channel, publish 1 message, close. Count completed cycles.
+    p["client"]: "raw" (RawAMQP, cheap) or "py-amqp" (a real client library)."""
     msg = amqp.Message(b"x" * p["body_size"])
     q, mono = p["queue"], time.monotonic
+    if p.get("client", "raw") == "raw":
+        frames = encode_publish(q, b"x" * p["body_size"])
+
+        def cycle():
+            _raw_cycle(target, frames)
+    else:
+
+        def cycle():
+            conn = connect(target)
+            try:
+                ch = conn.channel()
+                ch.basic_publish(msg, "", q)
+            finally:
+                conn.close()
+
     t0 = ctx.ready()
     m_start = t0 + p["warmup"]
     m_end = m_start + p["duration"]
@@ -566,12 +637,7 @@ def w_churn(ctx: WorkerCtx, target: Target, p: dict) -> dict:
         if t_a >= m_end:
             break
         try:
-            conn = connect(target)
-            try:
-                ch = conn.channel()
-                ch.basic_publish(msg, "", q)
-            finally:
-                conn.close()
+            cycle()
         except Exception as e:  # noqa: BLE001 - counted and reported
             errors += 1
             if first_error is None:
@@ -591,6 +657,84 @@ def w_churn(ctx: WorkerCtx, target: Target, p: dict) -> dict:
         "first_error": first_error,
         "cycle_p50_ms": percentile(cycle_ms, 50) if cycle_ms else None,
     }
+
+
+def _open_raw_concurrently(target: Target, n: int, concurrency: int, channel: bool = False):
+    """Open n RawAMQP connections from greenlets (gevent sockets, no monkey-patching), at most
+    `concurrency` handshakes in flight. Returns (connections, errors, time of the last OpenOk)."""
+    import gevent.pool
+    from gevent import socket as gsocket
+
+    conns: list[RawAMQP] = []
+    errors: list[str] = []
+    last = [time.monotonic()]
+
+    def one(_i):
+        try:
+            conns.append(RawAMQP(target, timeout=30, sockmod=gsocket, channel=channel))
+            last[0] = time.monotonic()
+        except Exception as e:  # noqa: BLE001 - counted and reported
+            errors.append(f"{type(e).__name__}: {e}")
+
+    pool = gevent.pool.Pool(concurrency)
+    for i in range(n):
+        pool.spawn(one, i)
+    pool.join(timeout=120)
+    pool.kill()
+    return conns, errors, last[0]
+
+
+def _close_raw_all(conns: list) -> None:
+    import gevent.pool
+
+    pool = gevent.pool.Pool(200)
+    for c in conns:
+        pool.spawn(c.close, 5.0)
+    pool.join(timeout=60)
+
+
+def w_open(ctx: WorkerCtx, target: Target, p: dict) -> dict:
+    """Open p["conns"] connections at once (all handshakes in flight together), then close."""
+    import gevent  # noqa: F401 - the hub is created in this (forked) process
+
+    t0 = ctx.ready()
+    conns, errors, last = _open_raw_concurrently(target, p["conns"], p["conns"])
+    _close_raw_all(conns)
+    return {"opened": len(conns), "errors": len(errors), "first_error": errors[0] if errors else None,
+            "t0": t0, "last_open": last}  # fmt: skip
+
+
+def w_idle(idx: int, target: Target, n: int, concurrency: int, events, go, release) -> None:
+    """Idle clients (own driver, run_idle): open n connections, report, hold them until
+    `release`, close them, report."""
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(3))
+    try:
+        import gevent
+
+        events.put(("ready", idx, None))
+        go.wait(60)
+        t0 = time.monotonic()
+        conns, errors, last = _open_raw_concurrently(target, n, concurrency)
+        events.put(("opened", idx, {"opened": len(conns), "errors": len(errors), "first_error": errors[0] if errors else None,
+                                     "t0": t0, "last_open": last}))  # fmt: skip
+        while not release.is_set():
+            gevent.sleep(0.1)  # keeps the hub alive; idle connections, no heartbeats (TuneOk 0)
+        alive = 0
+        for c in conns:  # a connection the proxy dropped meanwhile reads EOF
+            c.sock.setblocking(False)
+            try:
+                alive += c.sock.recv(1, socket.MSG_PEEK) != b""
+            except BlockingIOError:
+                alive += 1
+            except OSError:
+                pass
+            c.sock.setblocking(True)
+        t1 = time.monotonic()
+        _close_raw_all(conns)
+        events.put(("closed", idx, {"still_open_at_release": alive, "close_s": time.monotonic() - t1,
+                                    "cpu_s": time.process_time()}))  # fmt: skip
+    except BaseException:
+        events.put(("error", idx, traceback.format_exc(limit=6)))
 
 
 # --------------------------------------------------------------------------
@@ -662,8 +806,78 @@ def proc_cpu_seconds(pid: int) -> float | None:
         return None
 
 
-def find_broker_pid() -> int | None:
-    """The RabbitMQ node's beam.smp (not rabbitmqctl's, which also runs beam.smp)."""
+def proc_tree(pid: int) -> list[int]:
+    """pid and its descendants (a proxy with --workers forks worker processes)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def proc_rss_kb(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def tree_rss_kb(pid: int) -> int | None:
+    values = [v for v in (proc_rss_kb(p) for p in proc_tree(pid)) if v is not None]
+    return sum(values) if values else None
+
+
+def listener_pid(port: int) -> int | None:
+    """The process listening on TCP port (any address), from /proc/net/tcp{,6} and fd links."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                next(f)
+                for line in f:
+                    cols = line.split()
+                    if cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == port:
+                        inodes.add(cols[9])
+        except (OSError, StopIteration, IndexError, ValueError):
+            continue
+    if not inodes:
+        return None
+    targets = {f"socket:[{i}]" for i in inodes}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            for fd in os.listdir(f"/proc/{entry}/fd"):
+                if os.readlink(f"/proc/{entry}/fd/{fd}") in targets:
+                    return int(entry)
+        except OSError:
+            continue
+    return None
+
+
+def find_broker_pid(port: int | None = None) -> int | None:
+    """The RabbitMQ node's beam.smp: the one listening on port when it can be told (other
+    nodes may run on the machine), else the first `-s rabbit boot` beam.smp (not rabbitmqctl's,
+    which also runs beam.smp)."""
+    if port is not None:
+        pid = listener_pid(port)
+        if pid is not None:
+            return pid
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -721,7 +935,8 @@ def free_port() -> int:
 class Proxy:
     """The amqproxy subprocess under test."""
 
-    def __init__(self, upstream: str, extra_args: list[str], log_path: Path):
+    def __init__(self, upstream: str, extra_args: list[str], log_path: Path, name: str = "proxy"):
+        self.name = name
         self.upstream = upstream
         self.extra_args = extra_args
         self.log_path = log_path
@@ -771,10 +986,24 @@ class Proxy:
 
     @property
     def target(self) -> Target:
-        return Target("proxy", "127.0.0.1", self.port)
+        return Target(self.name, "127.0.0.1", self.port, self.proc.pid if self.proc else None, self.http_port)
 
     def cpu_seconds(self) -> float | None:
-        return proc_cpu_seconds(self.proc.pid) if self.alive else None
+        """CPU of the proxy and its worker processes (--workers), if any."""
+        if not self.alive:
+            return None
+        values = [proc_cpu_seconds(pid) for pid in proc_tree(self.proc.pid)]
+        return sum(v for v in values if v is not None)
+
+    def rss_kb(self) -> int | None:
+        return tree_rss_kb(self.proc.pid) if self.alive else None
+
+    def admin_json(self, path: str) -> dict | None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=5) as resp:
+                return json.loads(resp.read())
+        except (OSError, ValueError):
+            return None
 
     def stop(self) -> None:
         if self.alive:
@@ -838,6 +1067,7 @@ class Workload:
     metrics: list[Metric]
     run: Callable[[Target, str, Settings], dict]  # (target, queue, settings) -> metrics
     queue_args: dict = field(default_factory=dict)
+    targets: tuple[str, ...] = ("direct", "proxy")  # plus "proxy_wN" for churn with --compare-workers
 
 
 def _base(s: Settings, q: str) -> dict:
@@ -886,7 +1116,7 @@ def run_latency(target: Target, q: str, s: Settings) -> dict:
 
 
 def run_churn(target: Target, q: str, s: Settings) -> dict:
-    p = _base(s, q)
+    p = {**_base(s, q), "client": s.churn_client}
     roles = [("churn", w_churn, p) for _ in range(s.churn_workers)]
     r = run_workers(roles, target, s.warmup + s.duration)
     workers = list(r.values())
@@ -901,6 +1131,145 @@ def run_churn(target: Target, q: str, s: Settings) -> dict:
         # every completed cycle published one message to an uncapped, unconsumed queue
         "_expected_in_queue": sum(w["completed"] for w in workers),
         "_loadgen_cpu_s": sum(w["cpu_s"] for w in workers),
+    }
+
+
+def run_throughput_2p2c_confirms(target: Target, q: str, s: Settings) -> dict:
+    p = {**_base(s, q), "confirm_window": s.confirm_window}
+    roles = [("consumer", w_consumer, p), ("consumer", w_consumer, p),
+             ("publisher", w_confirm_publisher, p), ("publisher", w_confirm_publisher, p)]  # fmt: skip
+    r = run_workers(roles, target, s.warmup + s.duration)
+    pubs = [v for k, v in r.items() if k.startswith("publisher")]
+    cons = [v for k, v in r.items() if k.startswith("consumer")]
+    return {
+        "published_per_s": sum(x["confirmed_per_s"] for x in pubs),
+        "consumed_per_s": sum(x["consumed_per_s"] for x in cons),
+        "_loadgen_cpu_s": sum(x["cpu_s"] for x in r.values()),
+    }
+
+
+def run_open_rate(target: Target, q: str, s: Settings) -> dict:
+    """s.open_conns connections opened at once from s.open_procs processes (gevent in each)."""
+    per = [s.open_conns // s.open_procs + (1 if i < s.open_conns % s.open_procs else 0) for i in range(s.open_procs)]
+    roles = [("opener", w_open, {"conns": n}) for n in per if n]
+    r = run_workers(roles, target, 60.0)
+    ws = list(r.values())
+    opened, errors = sum(w["opened"] for w in ws), sum(w["errors"] for w in ws)
+    if errors:
+        first = next(w["first_error"] for w in ws if w["first_error"])
+        raise RuntimeError(f"{errors} of {s.open_conns} connections failed; first: {first}")
+    elapsed = max(w["last_open"] for w in ws) - ws[0]["t0"]
+    return {"conns_per_s": opened / elapsed, "open_all_s": elapsed, "_loadgen_cpu_s": sum(w["cpu_s"] for w in ws)}
+
+
+def run_idle(target: Target, q: str, s: Settings) -> dict:
+    """For each count in s.idle_clients: open that many idle connections from s.idle_procs
+    processes, hold them s.idle_hold seconds, close them; proxy RSS before / with / after."""
+    if target.pid is None:
+        raise RuntimeError("the idle workload runs against a proxy target only")
+    out: dict = {"_loadgen_cpu_s": 0.0}
+    checks: list[str] = []
+    for n in s.idle_clients:
+        res = _idle_once(target, n, s)
+        out["_loadgen_cpu_s"] += res.pop("loadgen_cpu_s")
+        checks += res.pop("checks")
+        for k, v in res.items():
+            out[f"{k}_{n}"] = v
+    if checks:
+        out["_checks"] = checks
+    return out
+
+
+def _admin(target: Target, path: str) -> dict | None:
+    try:
+        with urllib.request.urlopen(f"http://{target.host}:{target.http_port}{path}", timeout=5) as resp:
+            return json.loads(resp.read())
+    except (OSError, ValueError):
+        return None
+
+
+def _wait_clients(target: Target, want: int, timeout: float) -> int | None:
+    deadline = time.monotonic() + timeout
+    while True:
+        h = _admin(target, "/healthz")
+        n = h.get("clients") if h else None
+        if n == want or time.monotonic() > deadline:
+            return n
+        time.sleep(0.2)
+
+
+def _idle_once(target: Target, n: int, s: Settings) -> dict:
+    procs_n = max(1, min(s.idle_procs, n))
+    per = [n // procs_n + (1 if i < n % procs_n else 0) for i in range(procs_n)]
+    ctx = mp.get_context("fork")
+    events, go, release = ctx.Queue(), ctx.Event(), ctx.Event()
+    _wait_clients(target, 0, 10)
+    gc_settle = s.idle_settle
+    rss_before = tree_rss_kb(target.pid)
+    procs = [ctx.Process(target=w_idle, args=(i, target, k, s.idle_concurrency, events, go, release), daemon=True)
+             for i, k in enumerate(per)]  # fmt: skip
+    for pr in procs:
+        pr.start()
+    got: dict[str, dict[int, dict]] = {"ready": {}, "opened": {}, "closed": {}}
+    checks: list[str] = []
+
+    def collect(kind: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while len(got[kind]) < len(procs):
+            k, idx, payload = events.get(timeout=max(0.01, deadline - time.monotonic()))
+            if k == "error":
+                raise RuntimeError(f"idle worker {idx} failed:\n{payload}")
+            got[k][idx] = payload or {}
+
+    try:
+        collect("ready", READY_TIMEOUT)
+        go.set()
+        collect("opened", 180)
+        opened = sum(v["opened"] for v in got["opened"].values())
+        errors = sum(v["errors"] for v in got["opened"].values())
+        t0 = min(v["t0"] for v in got["opened"].values())
+        open_s = max(v["last_open"] for v in got["opened"].values()) - t0
+        held = _wait_clients(target, opened, 10)
+        time.sleep(s.idle_hold)
+        rss_with = tree_rss_kb(target.pid)
+        stats = _admin(target, "/stats") or {}
+        upstreams = (stats.get("totals") or {}).get("upstream_connections")
+        held_end = (_admin(target, "/healthz") or {}).get("clients")
+        release.set()
+        collect("closed", 120)
+        still = sum(v["still_open_at_release"] for v in got["closed"].values())
+        left = _wait_clients(target, 0, 30)
+        time.sleep(gc_settle)
+        rss_after = tree_rss_kb(target.pid)
+    except queue_mod.Empty:
+        raise RuntimeError(f"idle workers timed out ({n} clients)") from None
+    finally:
+        release.set()
+        for pr in procs:
+            pr.join(timeout=10)
+            if pr.is_alive():
+                pr.terminate()
+        events.close()
+    if errors:
+        first = next(v["first_error"] for v in got["opened"].values() if v["first_error"])
+        checks.append(f"{n} idle clients: {errors} failed to connect; first: {first}")
+    if held_end != n or still != n:
+        checks.append(f"{n} idle clients: proxy held {held_end} at the end of the hold, {still} still open at release")
+    grown = (rss_with or 0) - (rss_before or 0)
+    return {
+        "open_per_s": opened / open_s if open_s > 0 else None,
+        "held": held_end,
+        "held_after_open": held,
+        "errors": errors,
+        "rss_before_mb": rss_before / 1024 if rss_before else None,
+        "rss_with_mb": rss_with / 1024 if rss_with else None,
+        "rss_after_mb": rss_after / 1024 if rss_after else None,
+        "rss_per_client_kb": grown / n if n else None,
+        "returned_pct": 100.0 * ((rss_with or 0) - (rss_after or 0)) / grown if grown > 0 else None,
+        "clients_left_after": left,
+        "upstream_connections": json.dumps(upstreams) if isinstance(upstreams, dict) else upstreams,
+        "loadgen_cpu_s": sum(v.get("cpu_s", 0.0) for v in got["closed"].values()),
+        "checks": checks,
     }
 
 
@@ -925,9 +1294,30 @@ WORKLOADS = {
             [Metric("p50_ms", "p50 latency ms", False), Metric("p99_ms", "p99 latency ms", False)],
             run_latency,
         ),
+        Workload(
+            "throughput_2p2c_confirms",
+            [Metric("published_per_s", "published msg/s", True)],
+            run_throughput_2p2c_confirms,
+            THROUGHPUT_Q,
+        ),
         Workload("churn", [Metric("cycles_per_s", "cycles/s", True)], run_churn),
+        Workload("open_rate", [Metric("conns_per_s", "connections/s", True)], run_open_rate),
+        Workload("idle", [], run_idle, targets=("proxy",)),
     ]
 }
+DEFAULT_WORKLOADS = "throughput_1p1c,throughput_confirms,throughput_2p2c_confirms,latency,churn,open_rate,idle"
+
+
+def idle_metrics(counts: list[int]) -> list[Metric]:
+    out = []
+    for n in counts:
+        out += [
+            Metric(f"open_per_s_{n}", f"{n} open conn/s", True),
+            Metric(f"rss_per_client_kb_{n}", f"{n} RSS KB/client", False),
+            Metric(f"returned_pct_{n}", f"{n} RSS returned %", True),
+            Metric(f"held_{n}", f"{n} held", True),
+        ]
+    return out
 
 
 # --------------------------------------------------------------------------
@@ -935,11 +1325,12 @@ WORKLOADS = {
 # --------------------------------------------------------------------------
 
 
-def run_one(wl: Workload, target: Target, rnd: int, s: Settings, admin: Admin, proxy: Proxy, broker_pid) -> dict:
+def run_one(wl: Workload, target: Target, rnd: int, s: Settings, admin: Admin, proxy: Proxy | None, broker_pid) -> dict:
+    """One run of wl against target; proxy is the Proxy behind target (None for direct)."""
     rec = {"workload": wl.name, "target": target.name, "round": rnd, "ok": False, "metrics": {}, "error": None,
            "checks_failed": []}  # fmt: skip
     q = f"{QUEUE_PREFIX}{wl.name}-{target.name}-{rnd}-{uuid.uuid4().hex[:8]}"
-    proxy_cpu0 = proxy.cpu_seconds() if target.name == "proxy" else None
+    proxy_cpu0 = proxy.cpu_seconds() if proxy is not None else None
     broker_cpu0 = proc_cpu_seconds(broker_pid) if broker_pid else None
     t_start = time.monotonic()
     expected_in_queue = None
@@ -957,7 +1348,7 @@ def run_one(wl: Workload, target: Target, rnd: int, s: Settings, admin: Admin, p
     if broker_cpu0 is not None:
         b1 = proc_cpu_seconds(broker_pid)
         rec["broker_cpu_s"] = None if b1 is None else b1 - broker_cpu0
-    if target.name == "proxy":
+    if proxy is not None:
         p1 = proxy.cpu_seconds()
         rec["proxy_cpu_s"] = None if p1 is None or proxy_cpu0 is None else p1 - proxy_cpu0
         if not proxy.alive:
@@ -999,21 +1390,29 @@ def median_of(runs: list[dict], getter: Callable[[dict], float | None]) -> float
 def summarize(runs: list[dict], workloads: list[Workload]) -> list[dict]:
     rows = []
     for wl in workloads:
-        by_target = {t: [r for r in runs if r["workload"] == wl.name and r["target"] == t] for t in ("direct", "proxy")}
-        for m in wl.metrics:
-            row = {"workload": wl.name, "metric": m.label, "key": m.key, "higher_is_better": m.higher_is_better}
-            for t, rs in by_target.items():
-                row[t] = median_of(rs, lambda r, k=m.key: r["metrics"].get(k))
-                row[f"{t}_ok"] = f"{sum(r['ok'] for r in rs)}/{len(rs)}"
-            row["ratio"] = row["proxy"] / row["direct"] if row["proxy"] is not None and row["direct"] else None
-            rows.append(row)
-        cpu = {"workload": wl.name, "metric": "cpu", "key": "cpu"}
-        for t, rs in by_target.items():
-            cpu[f"{t}_loadgen_cpu_s"] = median_of(rs, lambda r: r.get("loadgen_cpu_s"))
-            cpu[f"{t}_broker_cpu_s"] = median_of(rs, lambda r: r.get("broker_cpu_s"))
-        cpu["proxy_cpu_s"] = median_of(by_target["proxy"], lambda r: r.get("proxy_cpu_s"))
-        cpu["proxy_wall_s"] = median_of(by_target["proxy"], lambda r: r.get("wall_s"))
-        rows.append(cpu)
+        names = sorted({r["target"] for r in runs if r["workload"] == wl.name} | {"direct", "proxy"})
+        by_target = {t: [r for r in runs if r["workload"] == wl.name and r["target"] == t] for t in names}
+        extras = [t for t in names if t not in ("direct", "proxy")]  # e.g. proxy_w2 (--compare-workers)
+        for proxy_name in ["proxy", *extras]:
+            for m in wl.metrics:
+                label = m.label if proxy_name == "proxy" else f"{m.label} [{proxy_name}]"
+                row = {"workload": wl.name, "metric": label, "key": m.key, "higher_is_better": m.higher_is_better}
+                for col, t in (("direct", "direct"), ("proxy", proxy_name)):
+                    rs = by_target[t]
+                    row[col] = median_of(rs, lambda r, k=m.key: r["metrics"].get(k))
+                    row[f"{col}_ok"] = f"{sum(r['ok'] for r in rs)}/{len(rs)}"
+                row["ratio"] = row["proxy"] / row["direct"] if row["proxy"] is not None and row["direct"] else None
+                rows.append(row)
+        for proxy_name in ["proxy", *extras]:
+            cpu = {"workload": wl.name if proxy_name == "proxy" else f"{wl.name} [{proxy_name}]", "metric": "cpu",
+                   "key": "cpu"}  # fmt: skip
+            for col, t in (("direct", "direct"), ("proxy", proxy_name)):
+                rs = by_target[t]
+                cpu[f"{col}_loadgen_cpu_s"] = median_of(rs, lambda r: r.get("loadgen_cpu_s"))
+                cpu[f"{col}_broker_cpu_s"] = median_of(rs, lambda r: r.get("broker_cpu_s"))
+            cpu["proxy_cpu_s"] = median_of(by_target[proxy_name], lambda r: r.get("proxy_cpu_s"))
+            cpu["proxy_wall_s"] = median_of(by_target[proxy_name], lambda r: r.get("wall_s"))
+            rows.append(cpu)
     return rows
 
 
@@ -1035,7 +1434,7 @@ def fmt(v: float | None, digits: int = 2) -> str:
 
 def print_table(rows: list[dict], rounds: int) -> None:
     print(f"\nMedians over {rounds} round(s); ratio = proxy / direct")
-    head = f"{'workload':<20} {'metric':<17} {'better':<6} {'direct':>10} {'proxy':>10} {'ratio':>7}  {'ok d/p':>9}"
+    head = f"{'workload':<25} {'metric':<28} {'better':<6} {'direct':>10} {'proxy':>10} {'ratio':>7}  {'ok d/p':>9}"
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -1044,23 +1443,53 @@ def print_table(rows: list[dict], rounds: int) -> None:
         better = "higher" if r["higher_is_better"] else "lower"
         ok = f"{r['direct_ok']} {r['proxy_ok']}"
         print(
-            f"{r['workload']:<20} {r['metric']:<17} {better:<6} {fmt(r['direct']):>10} {fmt(r['proxy']):>10}"
+            f"{r['workload']:<25} {r['metric']:<28} {better:<6} {fmt(r['direct']):>10} {fmt(r['proxy']):>10}"
             f" {fmt(r['ratio']):>7}  {ok:>9}"
         )
-    print("\nCPU seconds per run (medians; whole run incl. setup and warm-up; broker is informational)")
-    head = f"{'workload':<20} {'proxy':>7} {'proxy %core':>11} {'loadgen d':>10} {'loadgen p':>10} {'broker d':>9} {'broker p':>9}"
+    print(
+        "\nCPU seconds per run (medians; whole run incl. setup and warm-up; %core = CPU s / run wall time;"
+        " broker is informational)"
+    )
+    head = (
+        f"{'workload':<36} {'proxy':>7} {'proxy %core':>11} {'loadgen d':>10} {'loadgen p':>10}"
+        f" {'loadgen p %core':>15} {'broker d':>9} {'broker p':>9}"
+    )
     print(head)
     print("-" * len(head))
     for r in rows:
         if r["metric"] != "cpu":
             continue
-        util = (
-            r["proxy_cpu_s"] / r["proxy_wall_s"] * 100 if r["proxy_cpu_s"] is not None and r["proxy_wall_s"] else None
-        )
+        wall = r["proxy_wall_s"]
+        util = r["proxy_cpu_s"] / wall * 100 if r["proxy_cpu_s"] is not None and wall else None
+        lutil = r["proxy_loadgen_cpu_s"] / wall * 100 if r["proxy_loadgen_cpu_s"] is not None and wall else None
         print(
-            f"{r['workload']:<20} {fmt(r['proxy_cpu_s']):>7} {fmt(util, 0):>11}"
-            f" {fmt(r['direct_loadgen_cpu_s']):>10} {fmt(r['proxy_loadgen_cpu_s']):>10}"
+            f"{r['workload']:<36} {fmt(r['proxy_cpu_s']):>7} {fmt(util, 0):>11}"
+            f" {fmt(r['direct_loadgen_cpu_s']):>10} {fmt(r['proxy_loadgen_cpu_s']):>10} {fmt(lutil, 0):>15}"
             f" {fmt(r['direct_broker_cpu_s']):>9} {fmt(r['proxy_broker_cpu_s']):>9}"
+        )
+
+
+def print_idle(runs: list[dict], counts: list[int]) -> None:
+    idle = [r for r in runs if r["workload"] == "idle" and r["ok"]]
+    if not idle:
+        return
+    print("\nIdle clients (proxy only; medians over rounds; RSS of the proxy process tree)")
+    head = (
+        f"{'clients':>8} {'open/s':>8} {'held':>7} {'errors':>6} {'RSS before MB':>13} {'with MB':>8}"
+        f" {'after MB':>8} {'KB/client':>9} {'returned %':>10} {'upstreams':>20}"
+    )
+    print(head)
+    print("-" * len(head))
+    for n in counts:
+
+        def med(key: str, n: int = n) -> float | None:
+            return median_of(idle, lambda r: r["metrics"].get(f"{key}_{n}"))
+
+        ups = idle[-1]["metrics"].get(f"upstream_connections_{n}")
+        print(
+            f"{n:>8} {fmt(med('open_per_s')):>8} {fmt(med('held'), 0):>7} {fmt(med('errors'), 0):>6}"
+            f" {fmt(med('rss_before_mb'), 1):>13} {fmt(med('rss_with_mb'), 1):>8} {fmt(med('rss_after_mb'), 1):>8}"
+            f" {fmt(med('rss_per_client_kb'), 1):>9} {fmt(med('returned_pct'), 0):>10} {str(ups):>20}"
         )
 
 
@@ -1070,7 +1499,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 3, --quick 1)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 1 round, 0.5 s warm-up, 1.5 s window")
-    ap.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma-separated subset of {','.join(WORKLOADS)}")
+    ap.add_argument("--workloads", default=DEFAULT_WORKLOADS, help=f"comma-separated subset of {','.join(WORKLOADS)}")
     ap.add_argument("--json", type=Path, default=None, metavar="PATH", help="write raw numbers as JSON here")
     ap.add_argument("--warmup", type=float, default=None, help="seconds of warm-up per run (default 1)")
     ap.add_argument("--duration", type=float, default=None, help="seconds measured per run (default 5)")
@@ -1078,6 +1507,44 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--confirm-window", type=int, default=100, help="unconfirmed messages in flight (default 100)")
     ap.add_argument("--latency-rate", type=int, default=1000, help="msg/s of the latency publisher (default 1000)")
     ap.add_argument("--churn-workers", type=int, default=8, help="processes in the churn workload (default 8)")
+    ap.add_argument(
+        "--churn-client",
+        choices=("raw", "py-amqp"),
+        default="raw",
+        help="churn client: raw (RawAMQP, cheapest; default) or py-amqp (a real library, ~2.5 ms CPU per cycle)",
+    )
+    ap.add_argument("--open-conns", type=int, default=500, help="open_rate: connections opened at once (default 500)")
+    ap.add_argument("--open-procs", type=int, default=4, help="open_rate: load processes (default 4)")
+    ap.add_argument(
+        "--idle-clients",
+        default=None,
+        help="idle: comma-separated client counts (default 1000,5000,10000; --quick 500)",
+    )
+    ap.add_argument("--idle-procs", type=int, default=4, help="idle: load processes (default 4)")
+    ap.add_argument("--idle-hold", type=float, default=None, help="idle: seconds the clients are held (default 3)")
+    ap.add_argument(
+        "--compare-workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="also run churn and open_rate against a second proxy started with --workers N (target proxy_wN)",
+    )
+    ap.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=ARGS",
+        help="another proxy with extra arguments, run in every workload as target proxy_NAME, e.g."
+        " --variant 'ci5=--upstream-check-interval 5' (an optimisation's before/after in one run)",
+    )
+    ap.add_argument(
+        "--py-spy",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="profile the proxy (workers=1) with py-spy for the whole benchmark; collapsed stacks to PATH,"
+        " top frames printed at the end",
+    )
     ap.add_argument("--settle", type=float, default=0.5, help="pause between runs, seconds (default 0.5)")
     ap.add_argument("--broker", default="127.0.0.1:5672", metavar="HOST:PORT", help="RabbitMQ (default 127.0.0.1:5672)")
     ap.add_argument(
@@ -1096,6 +1563,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     if unknown or not names:
         ap.error(f"unknown workload(s) {unknown}; choose from {','.join(WORKLOADS)}")
     args.workload_list = [WORKLOADS[n] for n in names]
+    counts = args.idle_clients or ("500" if args.quick else "1000,5000,10000")
+    try:
+        args.idle_counts = [int(x) for x in counts.split(",") if x.strip()]
+    except ValueError:
+        ap.error("--idle-clients: comma-separated integers")
+    args.idle_hold = args.idle_hold if args.idle_hold is not None else (1.0 if args.quick else 3.0)
+    WORKLOADS["idle"].metrics = idle_metrics(args.idle_counts)
     if args.rounds < 1 or args.duration <= 0 or args.warmup < 0:
         ap.error("--rounds must be >= 1, --duration > 0, --warmup >= 0")
     return args
@@ -1106,8 +1580,16 @@ def main(argv=None) -> int:
     bhost, _, bport = args.broker.rpartition(":")
     broker = Target("direct", bhost, int(bport))
     settings = Settings(
-        args.warmup, args.duration, args.body_size, args.confirm_window, args.latency_rate, args.churn_workers
-    )
+        args.warmup, args.duration, args.body_size, args.confirm_window, args.latency_rate, args.churn_workers,
+        churn_client=args.churn_client, open_conns=args.open_conns, open_procs=args.open_procs, idle_clients=args.idle_counts,
+        idle_procs=args.idle_procs, idle_hold=args.idle_hold,
+    )  # fmt: skip
+    loadavg_start = os.getloadavg()
+    nofile = raise_nofile()
+    need = max(args.idle_counts) + 100 if any(w.name == "idle" for w in args.workload_list) else 0
+    if need > nofile:
+        print(f"warning: RLIMIT_NOFILE is {nofile}, the idle workload needs about {need} descriptors in the proxy",
+              file=sys.stderr)  # fmt: skip
     admin = Admin(broker)
     log_path = Path(tempfile.mkstemp(prefix="amqproxy-bench-", suffix=".log")[1])
     proxy = Proxy(f"amqp://{bhost}:{bport}", args.proxy_arg, log_path)
@@ -1118,36 +1600,61 @@ def main(argv=None) -> int:
         print(f"cannot start: {type(e).__name__}: {e}", file=sys.stderr)
         proxy.stop()
         return 2
-    broker_pid = find_broker_pid()
+    broker_pid = find_broker_pid(int(bport))
     print(
         f"amqproxy pid {proxy.proc.pid} on 127.0.0.1:{proxy.port} (log {log_path}); broker {args.broker}"
-        f" (beam pid {broker_pid}); {args.rounds} round(s), warm-up {args.warmup}s, window {args.duration}s",
+        f" (beam pid {broker_pid}); {args.rounds} round(s), warm-up {args.warmup}s, window {args.duration}s;"
+        f" load average {loadavg_start[0]:.1f} on {os.cpu_count()} CPUs",
         flush=True,
     )
+    spy = start_py_spy(proxy.proc.pid, args.py_spy) if args.py_spy else None
+    proxies: dict[str, Proxy] = {"proxy": proxy}
+    variants: dict[str, tuple[list[str], tuple[str, ...] | None]] = {}  # name -> (extra args, workloads or all)
+    if args.compare_workers:
+        variants[f"proxy_w{args.compare_workers}"] = (["--workers", str(args.compare_workers)], ("churn", "open_rate"))
+    for spec in args.variant:
+        name, _, rest = spec.partition("=")
+        variants[f"proxy_{name}"] = (rest.split(), None)
+    for name, (extra, _wls) in variants.items():
+        log_v = log_path.with_name(log_path.stem + f"-{name}.log")
+        proxies[name] = Proxy(f"amqp://{bhost}:{bport}", [*args.proxy_arg, *extra], log_v, name=name)
+        try:
+            proxies[name].start()
+            print(f"{name}: pid {proxies[name].proc.pid} on 127.0.0.1:{proxies[name].port} (log {log_v})", flush=True)
+        except Exception as e:  # noqa: BLE001 - reported per run below
+            print(f"warning: {name} did not start: {short_error(str(e))[:300]}", file=sys.stderr, flush=True)
     runs: list[dict] = []
+    expected = 0
     started = time.time()
     try:
         for rnd in range(1, args.rounds + 1):
             for wl in args.workload_list:
-                for target_name in ("direct", "proxy"):
-                    if target_name == "proxy" and not proxy.alive:
+                target_names = list(wl.targets)
+                if "direct" in wl.targets:  # variants compare against direct; idle is proxy-only
+                    target_names += [n for n, (_a, wls) in variants.items() if wls is None or wl.name in wls]
+                expected += len(target_names)
+                for target_name in target_names:
+                    px = proxies.get(target_name)
+                    if px is not None and not px.alive:
                         try:
-                            proxy.start()
+                            px.start()
                         except Exception as e:  # noqa: BLE001
-                            runs.append({"workload": wl.name, "target": "proxy", "round": rnd, "ok": False,
-                                         "metrics": {}, "error": f"proxy restart failed: {e}"})  # fmt: skip
+                            runs.append({"workload": wl.name, "target": target_name, "round": rnd, "ok": False,
+                                         "metrics": {}, "error": f"proxy (re)start failed: {short_error(str(e))[:500]}",
+                                         "checks_failed": []})  # fmt: skip
+                            print(f"[FAIL] round {rnd} {wl.name:<24} {target_name:<8} proxy did not start", flush=True)
                             continue
-                    target = broker if target_name == "direct" else proxy.target
-                    log_offset = proxy.log_size()
-                    rec = run_one(wl, target, rnd, settings, admin, proxy, broker_pid)
+                    target = broker if px is None else px.target
+                    log_offset = px.log_size() if px is not None else 0
+                    rec = run_one(wl, target, rnd, settings, admin, px, broker_pid)
                     runs.append(rec)
                     time.sleep(args.settle)
-                    if target_name == "proxy":
-                        note_proxy_log(rec, proxy.log_problems_since(log_offset))
-                    shown = ", ".join(f"{m.key}={fmt(rec['metrics'].get(m.key))}" for m in wl.metrics)
+                    if px is not None:
+                        note_proxy_log(rec, px.log_problems_since(log_offset))
+                    shown = ", ".join(f"{m.key}={fmt(rec['metrics'].get(m.key))}" for m in wl.metrics[:6])
                     status = "ok " if rec["ok"] else "FAIL"
-                    cpu = f" proxy_cpu={fmt(rec.get('proxy_cpu_s'))}s" if target_name == "proxy" else ""
-                    print(f"[{status}] round {rnd} {wl.name:<20} {target_name:<6} {shown}{cpu}", flush=True)
+                    cpu = f" proxy_cpu={fmt(rec.get('proxy_cpu_s'))}s" if px is not None else ""
+                    print(f"[{status}] round {rnd} {wl.name:<24} {target_name:<8} {shown}{cpu}", flush=True)
                     if not rec["ok"]:
                         print("       " + short_error(rec["error"]).replace("\n", "\n       "), flush=True)
                     for check in rec["checks_failed"]:
@@ -1157,13 +1664,17 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted; reporting what ran", file=sys.stderr)
     finally:
-        proxy.stop()
+        stop_py_spy(spy)
+        for px in proxies.values():
+            px.stop()
         admin.cleanup()
     rows = summarize(runs, args.workload_list)
     print_table(rows, args.rounds)
+    print_idle(runs, args.idle_counts)
+    if args.py_spy:
+        print(f"\npy-spy profile of the proxy ({args.py_spy}):\n{profile_top(args.py_spy)}")
     failed = [r for r in runs if not r["ok"]]
     checked = [r for r in runs if r["checks_failed"]]
-    expected = args.rounds * len(args.workload_list) * 2
     print(f"\n{len(runs) - len(failed)}/{expected} runs ok in {time.time() - started:.0f} s; proxy log {log_path}")
     if checked:
         print(f"{len(checked)} run(s) failed a correctness check (completed runs keep their numbers in the medians):")
@@ -1180,6 +1691,8 @@ def main(argv=None) -> int:
                 "workloads": [w.name for w in args.workload_list],
                 "python": platform.python_version(),
                 "amqp_client": f"py-amqp {amqp.__version__}",
+                "churn_client": args.churn_client,
+                "loadavg_start": loadavg_start,
                 "cpus": os.cpu_count(),
                 "loadavg_end": os.getloadavg(),
                 "proxy_starts": proxy.starts,
@@ -1193,6 +1706,68 @@ def main(argv=None) -> int:
         args.json.write_text(json.dumps(doc, indent=2) + "\n")
         print(f"raw numbers: {args.json}")
     return 1 if failed or checked or len(runs) < expected else 0
+
+
+def start_py_spy(pid: int, out: Path) -> subprocess.Popen | None:
+    """py-spy record (collapsed stacks, 100 Hz, idle samples excluded) on the proxy until stopped."""
+    import shutil
+
+    exe = shutil.which("py-spy")
+    if exe is None:
+        print("warning: --py-spy: py-spy not found (pip install py-spy)", file=sys.stderr)
+        return None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [exe, "record", "-p", str(pid), "-r", "100", "-f", "raw", "-o", str(out), "--subprocesses"]
+    return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def stop_py_spy(proc: subprocess.Popen | None) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def profile_top(path: Path, n: int = 25) -> str:
+    """Top functions of a py-spy collapsed-stack file: self and inclusive share of CPU samples."""
+    own: Counter[str] = Counter()
+    incl: Counter[str] = Counter()
+    total = 0
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as e:
+        return f"(no profile: {e})"
+    for line in lines:
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        c = int(count)
+        total += c
+        frames = [re.sub(r":\d+\)$", ")", f) for f in stack.split(";")]  # per function, not per line
+        own[frames[-1]] += c
+        for f in set(frames):
+            incl[f] += c
+    if not total:
+        return "(empty profile)"
+    out = [f"{total} samples (CPU only; idle excluded)", f"{'self %':>7} {'total %':>8}  function (file)"]
+    for f, c in own.most_common(n):
+        out.append(f"{100 * c / total:>7.1f} {100 * incl[f] / total:>8.1f}  {f}")
+    out.append("")
+    out.append(f"{'total %':>8}  function (file), inclusive, amqproxy frames only")
+    for f, c in [kv for kv in incl.most_common() if "amqproxy/" in kv[0]][:n]:
+        out.append(f"{100 * c / total:>8.1f}  {f}")
+    return "\n".join(out)
+
+
+def raise_nofile() -> int:
+    """Soft RLIMIT_NOFILE up to the hard limit; the proxy and the load processes inherit it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 def _git_rev() -> str | None:

@@ -73,7 +73,12 @@ def encode_longstr(value: str | bytes) -> bytes:
     return _S_U32.pack(len(raw)) + raw
 
 
-def _decode_field_value(data: bytes | memoryview, offset: int) -> tuple[Any, int]:
+# Nested tables and arrays deeper than this are refused (DecodeError, so 501) instead of
+# exhausting Python's recursion limit: a few KiB of nesting would otherwise crash the decoder.
+MAX_NESTING = 200
+
+
+def _decode_field_value(data: bytes | memoryview, offset: int, depth: int = 0) -> tuple[Any, int]:
     _need(data, offset, 1)
     kind = chr(data[offset])
     offset += 1
@@ -95,8 +100,10 @@ def _decode_field_value(data: bytes | memoryview, offset: int) -> tuple[Any, int
     if kind == "x":
         return decode_longstr(data, offset)
     if kind == "F":
-        return decode_table(data, offset)
+        return decode_table(data, offset, depth + 1)
     if kind == "A":
+        if depth >= MAX_NESTING:
+            raise DecodeError(f"field arrays and tables nested deeper than {MAX_NESTING}")
         _need(data, offset, 4)
         (length,) = _S_U32.unpack_from(data, offset)
         offset += 4
@@ -104,7 +111,7 @@ def _decode_field_value(data: bytes | memoryview, offset: int) -> tuple[Any, int
         _need(data, offset, length)
         items = []
         while offset < end:
-            item, offset = _decode_field_value(data, offset)
+            item, offset = _decode_field_value(data, offset, depth + 1)
             items.append(item)
         if offset != end:
             raise DecodeError("array overruns its length")
@@ -136,7 +143,9 @@ _FIXED_FIELD_TYPES = {
 }
 
 
-def decode_table(data: bytes | memoryview, offset: int) -> tuple[dict[str, Any], int]:
+def decode_table(data: bytes | memoryview, offset: int, depth: int = 0) -> tuple[dict[str, Any], int]:
+    if depth > MAX_NESTING:
+        raise DecodeError(f"field arrays and tables nested deeper than {MAX_NESTING}")
     _need(data, offset, 4)
     (length,) = _S_U32.unpack_from(data, offset)
     offset += 4
@@ -145,7 +154,7 @@ def decode_table(data: bytes | memoryview, offset: int) -> tuple[dict[str, Any],
     table: dict[str, Any] = {}
     while offset < end:
         key, offset = decode_shortstr(data, offset)
-        value, offset = _decode_field_value(data, offset)
+        value, offset = _decode_field_value(data, offset, depth)
         table[key] = value
     if offset != end:
         raise DecodeError("table overruns its length")
@@ -439,6 +448,24 @@ def decode_method(payload: bytes | memoryview) -> tuple[tuple[int, int], dict[st
     if offset != len(payload):
         raise DecodeError(f"{spec[0]} has {len(payload) - offset} trailing bytes")
     return method, args
+
+
+def malformed_shortstr(method: tuple[int, int], args: dict[str, Any]) -> str | None:
+    """The name of a decoded short-string argument that is not valid UTF-8, if any.
+
+    Short strings decode with surrogateescape (any bytes survive a round trip), but RabbitMQ
+    refuses invalid UTF-8 in the short strings of the methods it decodes with a connection error
+    (501 "Malformed UTF-8 in shortstr"); basic.publish's are not checked."""
+    spec = _SPEC.get(method)
+    if spec is None:
+        return None
+    for name, kind in spec[1]:
+        if kind == "shortstr":
+            try:
+                args[name].encode("utf-8")
+            except UnicodeEncodeError:
+                return name
+    return None
 
 
 def encode_method(method: tuple[int, int], **args: Any) -> bytes:

@@ -40,6 +40,9 @@ UPSTREAM_CAPABILITIES = {
 }
 
 MECHANISMS = b"PLAIN AMQPLAIN"
+# Offered only on TLS connections with a verified client certificate when --auth-file maps
+# certificate subjects to users (RabbitMQ's rabbitmq_auth_mechanism_ssl offers it the same way).
+MECHANISMS_WITH_EXTERNAL = b"PLAIN AMQPLAIN EXTERNAL"
 
 
 class AuthError(ValueError):
@@ -63,7 +66,7 @@ class Credentials:
 
 
 @functools.lru_cache(maxsize=4)
-def start_payload(cluster_name: str = "amqproxy") -> bytes:
+def start_payload(cluster_name: str = "amqproxy", mechanisms: bytes = MECHANISMS) -> bytes:
     """Connection.Start, encoded once: it is the same for every client."""
     return encode_method(
         CONNECTION_START,
@@ -78,13 +81,16 @@ def start_payload(cluster_name: str = "amqproxy") -> bytes:
             "product": "amqproxy",
             "version": __version__,
         },
-        mechanisms=MECHANISMS,
+        mechanisms=mechanisms,
         locales=b"en_US",
     )
 
 
-def parse_credentials(mechanism: str, response: bytes) -> Credentials:
-    """Decode a SASL response for PLAIN ("authzid\\0user\\0pass") or AMQPLAIN (a bare table)."""
+def parse_credentials(mechanism: str, response: bytes, external: bool = False) -> Credentials:
+    """Decode a SASL response for PLAIN ("authzid\\0user\\0pass") or AMQPLAIN (a bare table); with
+    `external` (it was offered), EXTERNAL too: the certificate names the user, not the response."""
+    if mechanism == "EXTERNAL" and external:
+        return Credentials("", "", "EXTERNAL")
     if mechanism == "PLAIN":
         parts = response.split(b"\x00")
         if len(parts) != 3:

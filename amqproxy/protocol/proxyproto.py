@@ -101,9 +101,9 @@ def encode(version: str, source: tuple[str, int], destination: tuple[str, int]) 
         family = "TCP4" if src.version == 4 else "TCP6"
         return f"PROXY {family} {src} {dst} {source[1]} {destination[1]}\r\n".encode("ascii")
     if version == "v2":
-        family = 0x11 if src.version == 4 else 0x21  # AF_INET / AF_INET6, STREAM
+        family_byte = 0x11 if src.version == 4 else 0x21  # AF_INET / AF_INET6, STREAM
         addresses = src.packed + dst.packed + struct.pack(">HH", source[1], destination[1])
-        return V2_SIGNATURE + struct.pack(">BBH", 0x21, family, len(addresses)) + addresses
+        return V2_SIGNATURE + struct.pack(">BBH", 0x21, family_byte, len(addresses)) + addresses
     raise ValueError(f"unknown PROXY protocol version {version!r}")
 
 

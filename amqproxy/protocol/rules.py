@@ -10,10 +10,10 @@ is pure and socket-free.
 from __future__ import annotations
 
 import struct
-from typing import Any
+from typing import Any, NoReturn
 
 from . import constants as c
-from .codec import DecodeError, decode_shortstr, decode_table
+from .codec import DecodeError, decode_shortstr, decode_table, malformed_shortstr
 from .errors import ProtocolError
 
 _U16 = struct.Struct(">H")
@@ -79,9 +79,7 @@ class ChannelGuard:
 
     def on_method(self, method: tuple[int, int]) -> None:
         if self.expect != EXPECT_METHOD:
-            raise ProtocolError(
-                c.UNEXPECTED_FRAME, "expected content header for class 60, got non content header frame instead", method
-            )
+            self._out_of_sequence()
         if self.commit_pending and method != c.CHANNEL_CLOSE:  # RabbitMQ handles close first
             raise ProtocolError(c.CHANNEL_ERROR, "unexpected command while processing 'tx.commit'", method)
 
@@ -104,12 +102,18 @@ class ChannelGuard:
 
     def on_header(self, payload: bytes | bytearray | memoryview, start: int, end: int) -> None:
         if self.expect != EXPECT_HEADER:
-            raise ProtocolError(c.UNEXPECTED_FRAME, "expected method frame, got non method frame instead")
+            self._out_of_sequence()
         if end - start < 14:
             raise ProtocolError(c.FRAME_ERROR, "cannot decode content header")
-        class_id, _weight, body_size = _HEADER_PREFIX.unpack_from(payload, start)
+        class_id, weight, body_size = _HEADER_PREFIX.unpack_from(payload, start)
+        if weight:  # RabbitMQ takes only weight 0 as a content header
+            self._out_of_sequence()
         if class_id != c.BASIC_CLASS:
-            raise ProtocolError(c.UNEXPECTED_FRAME, f"expected content header for class 60, got class {class_id}")
+            raise ProtocolError(
+                c.UNEXPECTED_FRAME,
+                f"expected content header for class 60, got one for class {class_id} instead",
+                c.BASIC_PUBLISH,
+            )
         if end - start != 14 or payload[start + 12] or payload[start + 13]:
             # Properties present: RabbitMQ decodes them on publish and answers a malformed list
             # with 541 on the whole connection, so they are checked here first.
@@ -122,7 +126,7 @@ class ChannelGuard:
 
     def on_body(self, size: int) -> None:
         if self.expect != EXPECT_BODY:
-            raise ProtocolError(c.UNEXPECTED_FRAME, "expected method frame, got non method frame instead")
+            self._out_of_sequence()
         remaining = self.body_remaining - size
         if remaining < 0:
             raise ProtocolError(c.FRAME_ERROR, "content body larger than announced in its header")
@@ -130,8 +134,25 @@ class ChannelGuard:
         if remaining == 0:
             self.expect = EXPECT_METHOD
 
+    def _out_of_sequence(self) -> NoReturn:
+        """A frame that does not fit the content sequence: RabbitMQ's command assembler texts
+        (rabbit_command_assembler), naming the method whose content is in progress."""
+        if self.expect == EXPECT_HEADER:
+            detail, method = (
+                "expected content header for class 60, got non content header frame instead",
+                c.BASIC_PUBLISH,
+            )
+        elif self.expect == EXPECT_BODY:
+            detail, method = "expected content body, got non content body frame instead", c.BASIC_PUBLISH
+        else:
+            detail, method = "expected method frame, got non method frame instead", (0, 0)
+        raise ProtocolError(c.UNEXPECTED_FRAME, detail, method)
+
     def check_control(self, method: tuple[int, int], args: dict[str, Any]) -> None:
         """Rules for decoded control-plane methods that RabbitMQ enforces with hard errors."""
+        if malformed_shortstr(method, args) is not None:
+            # RabbitMQ's own text and (0, 0): it fails while parsing, before knowing the method.
+            raise ProtocolError(c.FRAME_ERROR, "Malformed UTF-8 in shortstr")
         if method == c.BASIC_CONSUME:
             tag = args["consumer_tag"]
             if tag and tag in self.consumer_tags:

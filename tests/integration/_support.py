@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import socket
+import tempfile
 import time
 
 import pamqp.commands as C
@@ -32,6 +34,15 @@ def wait_until(predicate, timeout: float = 5.0, interval: float = 0.02, msg: str
             return last
         time.sleep(interval)
     raise AssertionError(f"condition not met within {timeout}s: {msg} (last={last!r})")
+
+
+def secret_file(value: str) -> str:
+    """A file of mode 0600 holding `value`: how tests pass secrets (--admin-token-file ...), since
+    the proxy refuses secrets as flags and secret files readable by everyone."""
+    fd, path = tempfile.mkstemp(prefix="amqproxy-test-secret-")
+    with os.fdopen(fd, "w") as f:
+        f.write(value)
+    return path
 
 
 def sha256(data: bytes) -> str:

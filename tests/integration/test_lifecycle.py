@@ -17,7 +17,7 @@ import pika
 import pika.exceptions
 import pytest
 
-from ._support import wait_until
+from ._support import secret_file, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.proxy_only]
 
@@ -119,7 +119,7 @@ def test_second_signal_exits_at_once(proxy_factory):
 def test_reload_applies_valid_changes_and_rejects_invalid_files(proxy_factory, tmp_path):
     conf = tmp_path / "amqproxy.conf"
     conf.write_text("idle-timeout = 30\nclient-heartbeat = 60\n")
-    proc = proxy_factory("--config", str(conf), "--admin-token", TOKEN)
+    proc = proxy_factory("--config", str(conf), "--admin-token-file", secret_file(TOKEN))
     client = connect(proc)
     client.channel().queue_declare("", exclusive=True)
 
@@ -156,7 +156,7 @@ def test_reload_retires_a_removed_node_gracefully(proxy_factory, tmp_path):
     connection closes once it is empty."""
     conf = tmp_path / "amqproxy.conf"
     conf.write_text("upstream = amqp://127.0.0.1:5672\n")
-    proc = proxy_factory("--config", str(conf), "--admin-token", TOKEN, upstream=None)
+    proc = proxy_factory("--config", str(conf), "--admin-token-file", secret_file(TOKEN), upstream=None)
     old_client = connect(proc)
     old_ch = old_client.channel()
     old_ch.queue_declare("", exclusive=True)
@@ -206,7 +206,7 @@ def test_check_config_lists_every_problem(tmp_path):
 
 
 def test_pause_holds_new_clients_at_open_and_resume_releases_them(proxy_factory):
-    proc = proxy_factory("--admin-token", TOKEN, "--pause-timeout", "2")
+    proc = proxy_factory("--admin-token-file", secret_file(TOKEN), "--pause-timeout", "2")
     existing = connect(proc)
     existing_ch = existing.channel()
     queue = existing_ch.queue_declare("", exclusive=True).method.queue

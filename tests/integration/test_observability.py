@@ -13,7 +13,7 @@ import pika.exceptions
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from ._support import wait_until
+from ._support import secret_file, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.proxy_only]
 
@@ -151,7 +151,9 @@ def test_json_logs_and_audit_line(proxy_factory, names):
 def test_no_secret_reaches_logs_metrics_or_admin(proxy_factory, broker, temp_user):
     """Grep everything the proxy emitted for the passwords used."""
     user, password = temp_user
-    proc = proxy_factory("--admin-token", TOKEN, "--upstream", f"amqp://{user}:urlsecret-42@127.0.0.1:5672")
+    proc = proxy_factory(
+        "--admin-token-file", secret_file(TOKEN), "--upstream", f"amqp://{user}:urlsecret-42@127.0.0.1:5672"
+    )
     target = proc.target()
     conn = target.pika(credentials=pika.PlainCredentials(user, password))
     conn.channel().queue_declare("", exclusive=True)
@@ -170,7 +172,7 @@ def test_no_secret_reaches_logs_metrics_or_admin(proxy_factory, broker, temp_use
 
 
 def test_admin_api(proxy_factory, names):
-    proc = proxy_factory("--admin-token", TOKEN)
+    proc = proxy_factory("--admin-token-file", secret_file(TOKEN))
     target = proc.target()
     keep = target.pika()
     use_channel(keep, names.queue())

@@ -1,0 +1,279 @@
+"""The clients a chaos scenario runs through the proxy, and the ledger that counts their messages.
+
+Publishers and consumers are pika BlockingConnections, each on its own thread with its own
+reconnect loop, the way an application with a simple retry wrapper behaves: a publish that
+was not confirmed (nack, or the connection/channel closed under it) is published again after
+reconnecting, with the same message id. Every publish attempt ends in exactly one recorded
+outcome, so "no silent loss" can be counted rather than sampled.
+
+A thread marks itself busy while it is inside a blocking client call (connect, publish and
+wait for the confirm); the longest such call is how long a client was left hanging."""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import re
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+
+import pika
+import pika.exceptions
+
+RECONNECT_DELAY = 0.2  # s between a client's failure and its next connect
+CONSUMER_PREFETCH = 50
+
+
+@dataclass
+class ClientError:
+    """An error a client saw: ``close`` (Connection.Close or Channel.Close, with code and text)
+    or ``tcp`` (the socket ended without a Close)."""
+
+    at: float
+    client: str
+    op: str
+    kind: str
+    code: int | None
+    text: str
+
+
+def describe(exc: BaseException) -> tuple[str, int | None, str]:
+    """(kind, reply code, text) of a pika error."""
+    if isinstance(exc, pika.exceptions.ConnectionClosedByBroker | pika.exceptions.ChannelClosedByBroker):
+        return "close", exc.reply_code, exc.reply_text
+    # A close during the handshake becomes ProbableAuthenticationError/ProbableAccessDeniedError
+    # carrying the repr() of the ConnectionClosedByBroker.
+    m = re.fullmatch(r"ConnectionClosedByBroker: \((\d+)\) (['\"])(.*)\2", str(exc.args[0]) if exc.args else "")
+    if m:
+        return "close", int(m.group(1)), m.group(3)
+    if isinstance(exc, pika.exceptions.NackError):
+        return "nack", None, "basic.nack"
+    return "tcp", None, repr(exc)
+
+
+class Ledger:
+    """What happened to every message id and client, shared by all workload threads."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.attempts = 0
+        self.outcome: dict[str, str] = {}  # message id -> last outcome: pending/confirmed/nacked/failed
+        self.confirm_times: list[float] = []
+        self.consumed: set[str] = set()
+        self.deliveries = 0
+        self.errors: list[ClientError] = []
+        self.busy: dict[str, tuple[str, float]] = {}  # client -> (op, since) while in a blocking call
+        self.longest_stall = (0.0, "")  # (seconds, "client op") of the longest blocking call so far
+        self.blocked_seen = 0  # connection.blocked notifications received
+
+    # -- blocking-call tracking ------------------------------------------------
+    def enter(self, client: str, op: str) -> None:
+        with self.lock:
+            self.busy[client] = (op, time.monotonic())
+
+    def leave(self, client: str) -> None:
+        with self.lock:
+            op, since = self.busy.pop(client)
+            self._note_stall(client, op, time.monotonic() - since)
+
+    def _note_stall(self, client: str, op: str, seconds: float) -> None:
+        if seconds > self.longest_stall[0]:
+            self.longest_stall = (seconds, f"{client} {op}")
+
+    def stall_now(self) -> tuple[float, str]:
+        """The longest blocking call in progress right now (seconds, "client op")."""
+        now = time.monotonic()
+        with self.lock:
+            calls = [(now - since, f"{client} {op}") for client, (op, since) in self.busy.items()]
+        return max(calls, default=(0.0, ""))
+
+    # -- messages ------------------------------------------------------------
+    def attempt(self, message_id: str) -> None:
+        with self.lock:
+            self.attempts += 1
+            self.outcome[message_id] = "pending"
+
+    def settle(self, message_id: str, outcome: str) -> None:
+        with self.lock:
+            self.outcome[message_id] = outcome
+            if outcome == "confirmed":
+                self.confirm_times.append(time.monotonic())
+
+    def consume(self, message_id: str) -> None:
+        with self.lock:
+            self.deliveries += 1
+            self.consumed.add(message_id)
+
+    def error(self, client: str, op: str, exc: BaseException) -> None:
+        with self.lock:
+            self.errors.append(ClientError(time.monotonic(), client, op, *describe(exc)))
+
+    def count(self, outcome: str) -> int:
+        with self.lock:
+            return sum(1 for o in self.outcome.values() if o == outcome)
+
+    def confirmed_between(self, start: float, end: float) -> int:
+        with self.lock:
+            return sum(1 for t in self.confirm_times if start <= t < end)
+
+    def errors_between(self, start: float, end: float) -> list[ClientError]:
+        with self.lock:
+            return [e for e in self.errors if start <= e.at < end]
+
+
+@dataclass
+class Endpoint:
+    """Where the workload connects: the proxy's AMQP address and the queue it uses."""
+
+    host: str
+    port: int
+    queue: str
+    heartbeat: int = 0  # 0: take the proxy's offer
+
+    def params(self, name: str) -> pika.ConnectionParameters:
+        return pika.ConnectionParameters(
+            host=self.host,
+            port=self.port,
+            credentials=pika.PlainCredentials("guest", "guest"),
+            client_properties={"connection_name": name},
+            # Generous client-side timeouts: the proxy, not pika, must end a hang (clear failure).
+            socket_timeout=30,
+            stack_timeout=60,
+            blocked_connection_timeout=None,
+            connection_attempts=1,
+            **({"heartbeat": self.heartbeat} if self.heartbeat else {}),
+        )
+
+
+class Client(threading.Thread):
+    """Base of the workload threads: a reconnect loop around `session()`."""
+
+    def __init__(self, name: str, endpoint: Endpoint, ledger: Ledger) -> None:
+        super().__init__(name=name, daemon=True)
+        self.name_ = name
+        self.endpoint = endpoint
+        self.ledger = ledger
+        self.stop = threading.Event()
+
+    def connect(self) -> pika.BlockingConnection:
+        self.ledger.enter(self.name_, "connect")
+        try:
+            conn = pika.BlockingConnection(self.endpoint.params(self.name_))
+        finally:
+            self.ledger.leave(self.name_)
+        conn.add_on_connection_blocked_callback(self._on_blocked)
+        return conn
+
+    def _on_blocked(self, *_args: object) -> None:
+        with self.ledger.lock:
+            self.ledger.blocked_seen += 1
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            conn = None
+            try:
+                conn = self.connect()
+                self.session(conn)
+            except (pika.exceptions.AMQPError, OSError) as e:
+                self.ledger.error(self.name_, "session", e)
+                self.stop.wait(RECONNECT_DELAY)
+            finally:
+                if conn is not None and conn.is_open:
+                    try:
+                        conn.close()
+                    except (pika.exceptions.AMQPError, OSError):
+                        pass
+
+    def session(self, conn: pika.BlockingConnection) -> None:
+        raise NotImplementedError
+
+
+class Publisher(Client):
+    """Publishes persistent messages with confirms, one at a time; unconfirmed ones again."""
+
+    ids = itertools.count()
+
+    def __init__(self, name: str, endpoint: Endpoint, ledger: Ledger) -> None:
+        super().__init__(name, endpoint, ledger)
+        self.retry: collections.deque[str] = collections.deque()  # unconfirmed ids, published again first
+
+    def session(self, conn: pika.BlockingConnection) -> None:
+        ch = conn.channel()
+        ch.confirm_delivery()
+        props = pika.BasicProperties(delivery_mode=2)
+        while not self.stop.is_set():
+            message_id = self.retry.popleft() if self.retry else f"{self.name_}-{next(self.ids)}"
+            self.ledger.attempt(message_id)
+            self.ledger.enter(self.name_, "publish")
+            try:
+                ch.basic_publish("", self.endpoint.queue, message_id.encode(), props)
+            except pika.exceptions.NackError as e:
+                self.ledger.settle(message_id, "nacked")
+                self.ledger.error(self.name_, "publish", e)
+                self.retry.append(message_id)
+                continue
+            except BaseException:
+                self.ledger.settle(message_id, "failed")
+                self.retry.append(message_id)
+                raise
+            finally:
+                self.ledger.leave(self.name_)
+            self.ledger.settle(message_id, "confirmed")
+            conn.process_data_events(0)  # dispatch connection.blocked/unblocked callbacks
+
+
+class Consumer(Client):
+    """Consumes with manual acks; records every delivery's id, then acks it."""
+
+    def __init__(self, name: str, endpoint: Endpoint, ledger: Ledger, delay: float = 0.0) -> None:
+        super().__init__(name, endpoint, ledger)
+        self.delay = delay  # s per message: a slow consumer
+
+    def session(self, conn: pika.BlockingConnection) -> None:
+        ch = conn.channel()
+        ch.basic_qos(prefetch_count=CONSUMER_PREFETCH)
+
+        def on_message(channel, method, _props, body):  # type: ignore[no-untyped-def]
+            self.ledger.consume(body.decode())
+            # pika dispatches every delivery that arrives meanwhile before returning: a slow
+            # consumer stops being slow when told to stop, or it would never return.
+            if self.delay and not self.stop.is_set():
+                time.sleep(self.delay)
+            channel.basic_ack(method.delivery_tag)
+
+        ch.basic_consume(self.endpoint.queue, on_message)
+        while not self.stop.is_set():
+            conn.process_data_events(time_limit=0.2)
+
+
+class Workload:
+    """Publishers and consumers started and stopped together."""
+
+    def __init__(self, endpoint: Endpoint, publishers: int = 2, consumers: int = 2, consumer_delay: float = 0.0):
+        self.ledger = Ledger()
+        self.clients: list[Client] = [Publisher(f"chaos-pub-{i}", endpoint, self.ledger) for i in range(publishers)] + [
+            Consumer(f"chaos-con-{i}", endpoint, self.ledger, delay=consumer_delay) for i in range(consumers)
+        ]
+
+    def start(self) -> None:
+        for client in self.clients:
+            client.start()
+
+    def stop(self, timeout: float) -> dict[str, str]:
+        """Stop every client; those still stuck after `timeout`, with where they are stuck."""
+        for client in self.clients:
+            client.stop.set()
+        deadline = time.monotonic() + timeout
+        for client in self.clients:
+            client.join(max(0.0, deadline - time.monotonic()))
+        frames = sys._current_frames()
+        return {
+            c.name_: " <- ".join(
+                f"{f.name}:{f.lineno}" for f in reversed(traceback.extract_stack(frames[c.ident])[-6:])
+            )
+            for c in self.clients
+            if c.is_alive() and c.ident in frames
+        }
