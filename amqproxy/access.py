@@ -101,9 +101,9 @@ def load_policy(path: str) -> AuthzPolicy | None:
         with open(path, encoding="utf-8") as handle:
             document = json.load(handle)
     except OSError as exc:
-        raise PolicyError(f"cannot read {path}: {exc.strerror or exc}") from None
+        raise PolicyError(f"cannot read it: {exc.strerror or exc}") from None
     except ValueError as exc:
-        raise PolicyError(f"{path} is not valid JSON: {exc}") from None
+        raise PolicyError(f"not valid JSON: {exc}") from None
     return parse_policy(document, path)
 
 

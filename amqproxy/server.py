@@ -29,6 +29,7 @@ from .logsetup import setup_logging
 from .metrics import RELOADS, Metrics, MultiprocessBridge, multiprocess_enabled
 from .pool import Pool
 from .protocol import constants as c
+from .protocol import proxyproto
 
 log = logging.getLogger("amqproxy.server")
 
@@ -238,6 +239,8 @@ class Proxy:
         configuration current now (a reload changes it for new clients only); a failure is logged
         once, counted, and ends only this connection."""
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self._address_denied_before_tls(address):
+            return
         # A reload that turned --tls-listen off (needs a restart) built no context: keep the last one.
         self._tls_context = self.config.tls_server or self._tls_context
         assert self._tls_context is not None
@@ -261,6 +264,23 @@ class Proxy:
             session.run()
         finally:
             tls_sock.close()
+
+    def _address_denied_before_tls(self, address: tuple) -> bool:
+        """--allow-cidr/--deny-cidr before the TLS handshake, so a denied address costs no crypto.
+        A trusted PROXY-protocol source is checked later, by the address its header names."""
+        host = str(address[0])
+        if self.config.accept_proxy_protocol and proxyproto.trusted(host, self.config.proxy_protocol_from):
+            return False
+        denied = self.address_filter.check(host)
+        if denied is None:
+            return False
+        self.metrics.access_denied(denied)
+        self.metrics.client_refused("access")
+        log.warning(
+            "client address refused",
+            extra={"event": "access_denied", "remote": f"{address[0]}:{address[1]}", "reason": denied},
+        )
+        return True
 
     @property
     def tls_address(self) -> tuple[str, int] | None:

@@ -63,7 +63,6 @@ class Ledger:
         self.outcome: dict[str, str] = {}  # message id -> last outcome: pending/confirmed/nacked/failed
         self.confirm_times: list[float] = []
         self.consumed: set[str] = set()
-        self.deliveries = 0
         self.errors: list[ClientError] = []
         self.busy: dict[str, tuple[str, float]] = {}  # client -> (op, since) while in a blocking call
         self.longest_stall = (0.0, "")  # (seconds, "client op") of the longest blocking call so far
@@ -104,16 +103,11 @@ class Ledger:
 
     def consume(self, message_id: str) -> None:
         with self.lock:
-            self.deliveries += 1
             self.consumed.add(message_id)
 
     def error(self, client: str, op: str, exc: BaseException) -> None:
         with self.lock:
             self.errors.append(ClientError(time.monotonic(), client, op, *describe(exc)))
-
-    def count(self, outcome: str) -> int:
-        with self.lock:
-            return sum(1 for o in self.outcome.values() if o == outcome)
 
     def confirmed_between(self, start: float, end: float) -> int:
         with self.lock:
@@ -131,7 +125,6 @@ class Endpoint:
     host: str
     port: int
     queue: str
-    heartbeat: int = 0  # 0: take the proxy's offer
 
     def params(self, name: str) -> pika.ConnectionParameters:
         return pika.ConnectionParameters(
@@ -144,7 +137,6 @@ class Endpoint:
             stack_timeout=60,
             blocked_connection_timeout=None,
             connection_attempts=1,
-            **({"heartbeat": self.heartbeat} if self.heartbeat else {}),
         )
 
 

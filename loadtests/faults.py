@@ -9,6 +9,10 @@ Locust's per-second history inside and outside the fault windows.
 
 Fault plans (``LOADTEST_FAULT``, JSON, from the scenario's ``fault`` entry):
 
+The fault starts at ``at`` x the run time after the test starts, or earlier when the
+fault plus ``recovery_s`` would not fit before ``LOADTEST_DEADLINE`` (set by the runner: the
+earliest the run can end; Locust's run time also counts its own start-up).
+
 * ``{"kind": "outage", "at": 0.3, "duration": 3}``: at 30 % of the run time, disable the
   Toxiproxy proxy (its listener closes and every connection through it drops: the node is
   gone) for 3 s, then enable it again.
@@ -50,16 +54,24 @@ def _set_enabled(url: str, name: str, enabled: bool) -> None:
         proxy.disable()
 
 
-def run_fault_plan(plan: dict, run_time: float, url: str, name: str, log_path: str | None) -> list[dict]:
-    """Execute the plan (blocking; gevent-friendly when the stdlib is patched)."""
+def run_fault_plan(
+    plan: dict, run_time: float, url: str, name: str, log_path: str | None, deadline: float | None = None
+) -> list[dict]:
+    """Execute the plan (blocking; gevent-friendly when the stdlib is patched). deadline (unix
+    time, the earliest the run can end): start early enough that the fault and its recovery
+    allowance fit before it, whatever Locust's start-up took."""
     windows: list[dict] = []
+    delay = max(0.0, plan.get("at", 0.3) * run_time)
+    if deadline is not None:
+        room = deadline - time.time() - plan.get("duration", 3.0) - plan.get("recovery_s", 5.0) - 1.5
+        delay = max(0.0, min(delay, room))
 
     def save() -> None:
         if log_path:
             with open(log_path, "w") as f:
                 json.dump({"plan": plan, "proxy": name, "windows": windows}, f)
 
-    time.sleep(max(0.0, plan.get("at", 0.3) * run_time))
+    time.sleep(delay)
     kind = plan.get("kind", "outage")
     if kind == "outage":
         spans = [(plan.get("duration", 3.0), 0.0)]
@@ -124,7 +136,8 @@ def install_fault_controller() -> None:
 
         def run():
             try:
-                run_fault_plan(plan, run_time, url, name, os.environ.get("LOADTEST_FAULT_LOG"))
+                deadline = float(os.environ["LOADTEST_DEADLINE"]) if os.environ.get("LOADTEST_DEADLINE") else None
+                run_fault_plan(plan, run_time, url, name, os.environ.get("LOADTEST_FAULT_LOG"), deadline)
             except Exception as e:  # noqa: BLE001
                 environment.events.request.fire(
                     request_type="amqp", name="setup: fault", response_time=0, response_length=0, exception=e

@@ -437,6 +437,7 @@ def main(argv=None) -> int:
               f"{f', {args.processes} processes' if args.processes else ''}; host {host}; results {out}", flush=True)  # fmt: skip
         (out / "command.txt").write_text(" ".join(cmd) + "\n")
         t0 = time.monotonic()
+        env["LOADTEST_DEADLINE"] = str(time.time() + run_s)
         try:
             proxy_cpu0 = proxy.cpu_seconds() if proxy is not None else None
             with open(out / "locust.out", "wb") as lout:

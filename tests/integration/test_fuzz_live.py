@@ -41,7 +41,7 @@ SEED = int(os.environ.get("AMQPROXY_TEST_FUZZ_SEED", "20261126"))
 HANDSHAKE_TIMEOUT = 2.0
 CLOSE_OK_WAIT = 3.0  # the proxy waits this long for our Close-Ok before closing the socket
 HOSTILE_WORKERS = 6
-HOSTILE_PHASE = 10.0  # seconds of hostile traffic (and of publishing)
+HOSTILE_PHASE = 8.0  # seconds of hostile traffic (and of publishing)
 # A connection the proxy has not closed by then is one it has no reason to close (the mutations
 # left valid AMQP): we close it ourselves.
 QUIET_WAIT = HANDSHAKE_TIMEOUT + 1.5

@@ -129,6 +129,9 @@ def test_idle_upstream_closed_after_idle_timeout(proxy_factory, broker):
     target = proc.target()
     conn = target.pika()
     ch = conn.channel()
+    # A channel lives upstream from its first method on; before that the upstream is idle and
+    # may already be gone by the time rabbitmqctl answers.
+    ch.queue_declare("", exclusive=True)
     assert len(broker.proxy_upstreams(proc)) == 1
     ch.close()
     conn.close()

@@ -211,6 +211,15 @@ def test_min_version_is_enforced(proxy_factory, pki, server_cert):
     assert failures[0]["error"] == "UNSUPPORTED_PROTOCOL"
 
 
+def test_a_denied_address_is_closed_before_any_tls_work(proxy_factory, pki, server_cert):
+    proc = tls_proxy(proxy_factory, server_cert, "--deny-cidr", "127.0.0.0/8")
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        presented_serial(proc.tls_port, client_context(pki))
+    # (the plain listener's start-up probe is refused too; the TLS one has no client session)
+    wait_until(lambda: [e for e in events(proc, "access_denied") if "client_id" not in e])
+    assert not events(proc, "tls_handshake_failed")  # no handshake was attempted
+
+
 def test_a_silent_client_is_dropped_after_the_handshake_timeout(proxy_factory, pki, server_cert):
     proc = tls_proxy(proxy_factory, server_cert)
     with socket.create_connection(("127.0.0.1", proc.tls_port), timeout=10) as s:

@@ -35,7 +35,7 @@ SMOKE = {
         ["connect", "publish (confirm)", "consume latency"],
     ),
     "flapping": (
-        ["-u", "4", "-r", "4", "-t", "12s", "--fault", "at=0.15", "--fault", "duration=4", "--fault", "recovery_s=4"],
+        ["-u", "4", "-r", "4", "-t", "12s", "--fault", "at=0.15", "--fault", "duration=3", "--fault", "recovery_s=4"],
         ["connect", "cycle"],
     ),
 }
