@@ -73,6 +73,12 @@ _ids = itertools.count(1)
 _id_prefix = f"{os.getpid() % 0xFFFF:04x}"
 
 
+def _short_method_text(payload: memoryview) -> str:
+    """RabbitMQ's text for a method frame too short to hold its (class, method) id."""
+    octets = ",".join(str(b) for b in payload.tobytes())
+    return f"type 1, all octets = <<{octets}>>: unknown_frame"
+
+
 class _Refused(Exception):
     """The handshake ends here; the client has been told why (or the socket just closes)."""
 
@@ -684,19 +690,25 @@ class ClientSession:
         valid_types = VALID_FRAME_TYPES
         frame_counts = FRAMES[CLIENT_TO_UPSTREAM]
         byte_counts = BYTES[CLIENT_TO_UPSTREAM]
+        # Frames that came in the same read as Connection.Open are scanned before the first recv.
+        handshake_leftover = reader.pending() > 0
         while True:
             if self.closing:
                 self._await_close_ok()
                 return
-            data = sock.recv(_RECV_SIZE)
-            if not data:
-                self.close_reason = self.close_reason or "client closed the socket"
-                return
-            self.last_recv = self._received_at = time.monotonic()
-            self.bytes_in += len(data)
-            if self._byte_bucket is not None:
-                self._pace(len(data))  # --client-byte-rate: wait before this read goes on
-            reader.feed(data)
+            if handshake_leftover:
+                handshake_leftover = False
+                self._received_at = time.monotonic()
+            else:
+                data = sock.recv(_RECV_SIZE)
+                if not data:
+                    self.close_reason = self.close_reason or "client closed the socket"
+                    return
+                self.last_recv = self._received_at = time.monotonic()
+                self.bytes_in += len(data)
+                if self._byte_bucket is not None:
+                    self._pace(len(data))  # --client-byte-rate: wait before this read goes on
+                reader.feed(data)
             buf = reader.buffer
             available = len(buf)
             pos = reader.pos
@@ -727,6 +739,8 @@ class ClientSession:
                         continue
                     link = channels.get(channel)
                     if frame_type == c.FRAME_METHOD:
+                        if size < 4:
+                            raise ProtocolError(c.FRAME_ERROR, _short_method_text(view[start:end]))
                         method = unpack_method(buf, start)
                         if link is None:
                             if method != c.CHANNEL_OPEN:
@@ -757,8 +771,7 @@ class ClientSession:
                         elif not self._on_control_method(link, method, view[start:end]):
                             continue
                     elif link is None:
-                        if frame_type == c.FRAME_HEARTBEAT:
-                            raise ProtocolError(c.FRAME_ERROR, "heartbeat frame on non-zero channel")
+                        # RabbitMQ answers any non-method frame here, heartbeats included, with 505.
                         raise ProtocolError(c.UNEXPECTED_FRAME, "expected method frame, got non method frame instead")
                     elif link.closing:
                         continue
@@ -781,8 +794,8 @@ class ClientSession:
                             else:
                                 content += pack_header(c.FRAME_BODY, link.upstream_channel, size)
                                 content += view[start:pos]
-                        else:
-                            raise ProtocolError(c.FRAME_ERROR, "heartbeat frame on non-zero channel")
+                        else:  # a heartbeat on a channel: 505 naming what was expected, as RabbitMQ
+                            link.unexpected_frame()
                         if link.expect == EXPECT_METHOD:  # the message is complete
                             upstream = link.upstream
                             assert upstream is not None

@@ -163,7 +163,9 @@ def test_memory_alarm_blocks_publishers_then_releases_them(chaos, own_broker):
         own_broker.set_memory_alarm(True)
         until = time.monotonic() + 4
         while time.monotonic() < until:
-            blocked_upstreams |= {c["id"] for c in run.probe.upstreams()["connections"] if c["blocked"]}
+            blocked_upstreams |= {
+                (c["id"], c["role"], c["clients"]) for c in run.probe.upstreams()["connections"] if c["blocked"]
+            }
             time.sleep(0.2)
         own_broker.set_memory_alarm(False)
     run.expect(bool(blocked_upstreams), "no upstream connection was blocked by the alarm")

@@ -3,8 +3,8 @@
 
 Run from the repository root (RabbitMQ on 127.0.0.1:5672, guest/guest)::
 
-    python loadtests/bench.py                  # 3 rounds, all workloads, ~6 minutes
-    python loadtests/bench.py --quick          # smoke run, 1 round, ~20 s
+    python loadtests/bench.py                  # 3 rounds, all workloads, ~8 minutes
+    python loadtests/bench.py --quick          # smoke run, 1 short round of everything, ~1 minute
     python loadtests/bench.py --workloads churn,latency --rounds 5 --json out.json
     python loadtests/bench.py --workloads idle --idle-clients 1000,10000 --rounds 1
     python loadtests/bench.py --compare-workers 2      # churn/open_rate also vs --workers 2

@@ -134,6 +134,10 @@ class ChannelGuard:
         if remaining == 0:
             self.expect = EXPECT_METHOD
 
+    def unexpected_frame(self) -> NoReturn:
+        """A frame of a type no state of the channel takes (a heartbeat on it): 505 as RabbitMQ."""
+        self._out_of_sequence()
+
     def _out_of_sequence(self) -> NoReturn:
         """A frame that does not fit the content sequence: RabbitMQ's command assembler texts
         (rabbit_command_assembler), naming the method whose content is in progress."""

@@ -564,12 +564,6 @@ def test_handshake_timeout_bounds_the_whole_handshake(proxy_factory, pieces):
     bystander.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="client.py _forward_loop unpacks the (class, method) id of a method frame without checking "
-    "that its payload holds 4 bytes: a short method frame is a 541 INTERNAL_ERROR with a traceback "
-    "(or a 503 naming a method id read across the frame end) instead of RabbitMQ's 501",
-)
 @pytest.mark.parametrize(
     "data",
     [frame(1, 1, b"\x00\x3c"), frame(1, 1, b""), frame(1, 1, b"\x00\x3c") + marshal(C.Basic.Qos())],
@@ -586,11 +580,6 @@ def test_short_method_frame_is_501(proxy_factory, data):
     assert not [r for r in proc.log_records() if r.get("event") == "client_internal_error"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="client.py answers a heartbeat frame on a non-zero channel with 501 FRAME_ERROR (the 0-9-1 "
-    "spec's code); RabbitMQ answers 505 UNEXPECTED_FRAME",
-)
 @pytest.mark.proxy_only
 def test_heartbeat_on_a_channel_is_505_like_rabbitmq(proxy):
     with RawAMQP(proxy.host, proxy.port) as raw:
@@ -600,12 +589,6 @@ def test_heartbeat_on_a_channel_is_505_like_rabbitmq(proxy):
     assert close[0] == 505, close
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="client.py: frames that arrive in the same read as Connection.Open stay in the reader's "
-    "buffer until the client sends more bytes (_forward_loop recv()s before scanning what the "
-    "handshake left buffered); RabbitMQ processes them at once",
-)
 @pytest.mark.proxy_only
 def test_frames_pipelined_behind_connection_open_are_processed(proxy):
     with RawAMQP(proxy.host, proxy.port, timeout=3) as raw:

@@ -24,12 +24,12 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 
 # scenario -> (runner arguments, request names that must have succeeded)
 SMOKE = {
-    "churn": (["-u", "4", "-r", "4", "-t", "4s"], ["connect", "channel open", "publish", "close", "cycle"]),
+    "churn": (["-u", "4", "-r", "4", "-t", "3s"], ["connect", "channel open", "publish", "close", "cycle"]),
     "confirms": (
-        ["-u", "5", "-r", "5", "-t", "4s"],
+        ["-u", "5", "-r", "5", "-t", "3s"],
         ["connect", "channel open", "publish (confirm)", "consume latency", "ack", "get"],
     ),
-    "storm": (["-u", "20", "-r", "20", "-t", "4s"], ["connect", "connect (refused by limit)", "publish", "close"]),
+    "storm": (["-u", "20", "-r", "20", "-t", "3s"], ["connect", "connect (refused by limit)", "publish", "close"]),
     "reconnect": (
         ["-u", "4", "-r", "4", "-t", "10s", "--fault", "at=0.2", "--fault", "duration=2", "--fault", "recovery_s=3"],
         ["connect", "publish (confirm)", "consume latency"],
