@@ -918,6 +918,28 @@ class Admin:
         finally:
             conn.close()
 
+    def settle(self, name: str, expected: int, quiet: float = 2.0, limit: float = 20.0) -> int:
+        """The queue's depth once it reaches `expected` or stops changing for `quiet` seconds.
+
+        A client's Close-Ok does not mean the broker has routed its last publish yet (through
+        the proxy, the upstream channel may still be working through it), so a count taken at
+        once can miss messages that are merely in flight."""
+        conn = connect(self.broker)
+        try:
+            ch = conn.channel()
+            deadline = time.monotonic() + limit
+            last, since = -1, time.monotonic()
+            while True:
+                count = ch.queue_declare(name, passive=True)[1]
+                now = time.monotonic()
+                if count != last:
+                    last, since = count, now
+                if count == expected or now - since >= quiet or now >= deadline:
+                    return count
+                time.sleep(0.1)
+        finally:
+            conn.close()
+
     def cleanup(self) -> None:
         for name in list(self.created):
             try:
@@ -1355,6 +1377,8 @@ def run_one(wl: Workload, target: Target, rnd: int, s: Settings, admin: Admin, p
             rec["ok"] = False
             rec["error"] = (rec["error"] or "") + f"\namqproxy died (exit {proxy.proc.returncode}):\n{proxy.log_tail()}"
     try:
+        if rec["ok"] and expected_in_queue is not None:
+            rec["settled_in_queue"] = admin.settle(q, expected_in_queue)
         rec["left_in_queue"] = admin.delete(q)
     except Exception as e:  # noqa: BLE001
         rec["cleanup_error"] = f"{type(e).__name__}: {e}"
