@@ -309,8 +309,12 @@ def test_toxicity_zero_leaves_connections_alone(api, route):
 
 def test_a_slow_toxic_backs_up_into_the_sender(api, route):
     """bandwidth 20 KB/s client to server: the fault proxy stops reading once its buffer is
-    full, so a 4 MB send cannot complete in 2 s (Toxiproxy's bounded channels do the same)."""
+    full, so a 64 MB send cannot complete in 2 s (Toxiproxy's bounded channels do the same).
+    64 MB is above what loopback socket buffers can absorb (the sender's send buffer is pinned
+    small; the receive side is capped by net.ipv4.tcp_rmem, 32 MB at most here), so the send
+    must wait on the toxic."""
     proxy, address = route
     proxy.add_toxic(type="bandwidth", stream="upstream", attributes={"rate": 20})
     with _connect(address, timeout=2) as sock, pytest.raises(TimeoutError):
-        sock.sendall(b"z" * 4_000_000)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+        sock.sendall(b"z" * 64_000_000)

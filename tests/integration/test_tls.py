@@ -194,8 +194,9 @@ def test_mtls_required(proxy_factory, pki, server_cert, tmp_path):
     # The failures touched no one else.
     ch.queue_declare("", exclusive=True)
     good.close()
-    audit = [r for r in proc.log_records() if r.get("event") == "audit"]
-    assert audit and audit[-1]["tls_subject"] == "CN=app-1"
+    # The audit line is written when the proxy has torn the session down, just after Close-Ok.
+    audit = wait_until(lambda: [r for r in proc.log_records() if r.get("event") == "audit"])
+    assert audit[-1]["tls_subject"] == "CN=app-1"
 
 
 def test_min_version_is_enforced(proxy_factory, pki, server_cert):
