@@ -148,7 +148,7 @@ class Pool:
 
     # ------------------------------------------------------------------ channels
 
-    def place(self, client: ClientSession, link: Link, role: str) -> bool:
+    def place(self, client: ClientSession, link: Link, role: str, deadline: float | None = None) -> bool:
         """Give a client channel a fresh channel on an upstream connection suited to its role.
 
         Returns whether the upstream channel.open was already sent and answered (a connection
@@ -157,7 +157,8 @@ class Pool:
         if not self.config.separate_publishers:
             role = ROLE_ANY
         key = client.pool_key
-        deadline = time.monotonic() + self.config.connect_timeout
+        if deadline is None:
+            deadline = time.monotonic() + self.config.connect_timeout
         while True:
             upstream = self._choose(key, client, role)
             if upstream is None:
@@ -175,6 +176,11 @@ class Pool:
                 timeout = min(VERIFY_TIMEOUT, self.config.connect_timeout)
                 if upstream.open_channel(link, timeout):
                     return True
+                if upstream.state == "closed" and self.config.upstream_failure == "recover":
+                    # It died while answering (a node going down): try the next connection.
+                    if time.monotonic() > deadline:
+                        raise UpstreamError(f"connection to {upstream.node.label} lost: {upstream.close_cause}")
+                    continue
                 upstream.fail(
                     f"health check failed: no answer from {upstream.node.label} to channel.open within {timeout:g} s",
                     kind="health_check",
