@@ -1266,7 +1266,7 @@ class ClientSession:
                 cause=cause[:255],
                 outcome=outcome,
                 duration_s=round(duration, 3),
-                channels=len(gaps),
+                channels=counts["recovered"] + counts["failed"],
                 channels_recovered=counts["recovered"],
                 channels_failed=counts["failed"],
                 consumers_cancelled=counts["cancelled"],

@@ -34,7 +34,16 @@ pytestmark = [pytest.mark.integration, pytest.mark.proxy_only]
 
 HANG_BOUND = 45.0  # s: no publish may wait longer than this (recovery timeout + node start)
 DRAIN_BOUND = 30.0  # s: every confirmed message consumed within this after the publisher stops
-RECOVERY_ARGS = ("--recovery-timeout", "60", "--breaker-open-time", "0.5", "--backoff-max", "0.5")
+RECOVERY_ARGS = (
+    "--recovery-timeout",
+    "60",
+    "--breaker-open-time",
+    "0.5",
+    "--breaker-open-max",
+    "1",
+    "--backoff-max",
+    "0.5",
+)
 
 
 def connect(proc, **kw) -> pika.BlockingConnection:
@@ -295,20 +304,17 @@ def test_tx_channel_fails_clearly_and_others_recover(own_broker, proxy_factory):
     tx.tx_select()
     tx.basic_publish("", "amqproxy-nowhere", b"uncommitted")
     plain = conn.channel()
-    queue = plain.queue_declare("", exclusive=False, auto_delete=False).method.queue
+    plain.queue_declare("", exclusive=True)  # the channel is really placed before the fault
+    queue = f"recovery-tx-{time.monotonic_ns()}"
     own_broker.stop_app()
     own_broker.start_app()
     with pytest.raises(pika.exceptions.ChannelClosedByBroker) as err:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            conn.process_data_events(time_limit=0.2)
-            tx.basic_publish("", "amqproxy-nowhere", b"more")
+        tx.tx_commit()
     assert err.value.reply_code == 406 and "transaction" in err.value.reply_text, err.value
-    # The other channel of the same connection was recovered (its server-named queue was not,
-    # so use a named one).
-    plain.queue_declare(f"{queue}-again", auto_delete=True)
-    plain.basic_publish("", f"{queue}-again", b"x")
-    wait_until(lambda: plain.basic_get(f"{queue}-again", auto_ack=True)[2] == b"x", 10)
+    # The other channel of the same connection was recovered.
+    plain.queue_declare(queue, auto_delete=True)
+    plain.basic_publish("", queue, b"x")
+    wait_until(lambda: plain.basic_get(queue, auto_ack=True)[2] == b"x", 10)
     conn.close()
     assert metric(proc, "amqproxy_recovery_channels_failed_total") >= 1
 
