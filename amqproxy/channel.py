@@ -55,6 +55,7 @@ class Link(ChannelGuard):
         "confirms",
         "confirm_offset",
         "swallow_qos_ok",
+        "body_due",
         "replay",
     )
 
@@ -85,6 +86,7 @@ class Link(ChannelGuard):
         self.published = 0  # publishes since confirm.select: the client's last sequence number
         self.confirms: ConfirmTracker | None = None  # confirms seen (confirm channels, from a first loss)
         self.confirm_offset = 0  # client sequence number = broker's + offset, after a recovery
+        self.body_due = 0  # body bytes of a delivery still due to the client (mid-message if > 0)
         self.swallow_qos_ok = 0  # replayed basic.qos whose qos-ok is the proxy's, not the client's
         self.replay: Replay | None = None  # set on a recovery's stand-in link while it replays
 

@@ -51,12 +51,11 @@ from .protocol.handshake import (
 )
 from .protocol.rules import CLIENT_CHANNEL_METHODS, EXPECT_METHOD, QUEUE_ACCESS_METHODS, check_ack_layout, role_of
 from .recovery import ConfirmTracker, Topology, ack_tag, consume_nowait, qos_default
-from .upstream import UpstreamError
+from .upstream import Upstream, UpstreamError
 
 if TYPE_CHECKING:
     from .server import Proxy
     from .tls import PeerInfo
-    from .upstream import Upstream
 
 log = logging.getLogger("amqproxy.client")
 audit_log = logging.getLogger("amqproxy.audit")
@@ -118,7 +117,6 @@ class ClientSession:
         self.id = f"{_id_prefix}-{next(_ids):x}"
         self.channels: dict[int, Link] = {}
         self.topology = Topology()  # what this client declared, for recovery (control path only)
-        self.recoveries = 0  # recoveries in progress
         self.capabilities: frozenset[str] = frozenset()
         self.credentials: Credentials | None = None
         self.vhost: str | None = None
@@ -975,7 +973,7 @@ class ClientSession:
             if method == c.QUEUE_DECLARE:
                 exclusive = args["exclusive"] and not args["passive"]
                 reserved = None
-                if exclusive and queue and link.upstream is not None and owner is None:
+                if exclusive and queue and owner is None and isinstance(link.upstream, Upstream):
                     # Reserve the name now: a second client declaring it before our declare-ok
                     # must get 405, as it would from the broker on its own connection.
                     self.pool.exclusive.add(self.vhost or "", queue, self, link.upstream)
@@ -1109,6 +1107,22 @@ class ClientSession:
         a greenlet then re-establishes them (`_recover`)."""
         if not links:
             return  # only exclusive queues of ours died there: using them now gets the broker's 404
+        cut = [link.client_channel for link in links if link.body_due > 0 and not link.closing]
+        if cut:
+            # A delivery cut in the middle of its content frames: the client waits for body
+            # frames that will never come, and any other frame on that channel is a connection
+            # error for it. Only a Connection.Close ends that cleanly.
+            self.proxy.metrics.recovery_channel_failed("content_cut")
+            self.proxy.metrics.recovery("failed", 0.0, 0, 0, 0)
+            self.close_kind = "upstream_lost"
+            self.close_connection(
+                c.CONNECTION_FORCED,
+                (
+                    f"CONNECTION_FORCED - upstream connection lost: a delivery on channel {cut[0]} was cut in the "
+                    f"middle of its content frames; {cause}"
+                )[:255],
+            )
+            return
         started = time.monotonic()
         outbox = self.outbox
         counts = {"nacked": 0, "cancelled": 0, "failed": 0, "recovered": 0}
@@ -1158,7 +1172,6 @@ class ClientSession:
             link.upstream = gap  # type: ignore[assignment]  # duck-types Upstream for the forwarding loop
             link.upstream_channel = channel
             gaps.append((link, gap))
-        self.recoveries += 1
         gevent.spawn(self._recover, upstream.node.label, cause, started, gaps, counts)
 
     def _cancel_lost_consumers(self, link: Link, counts: dict[str, int]) -> bool:
@@ -1252,7 +1265,6 @@ class ClientSession:
         finally:
             for _link, gap in gaps:
                 gap.end()
-            self.recoveries -= 1
         if outcome == "recovered" and counts["failed"]:
             outcome = "partial"
         duration = time.monotonic() - started

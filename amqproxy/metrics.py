@@ -117,7 +117,7 @@ FORWARD_LATENCY = Histogram(
 RECOVERIES = Counter(
     "amqproxy_recoveries_total",
     "Client recoveries after an upstream loss (--upstream-failure recover), by outcome: recovered, "
-    "partial (some channels failed), timeout (320), client_gone",
+    "partial (some channels failed), timeout (320), failed (320: a delivery cut mid-message), client_gone",
     ["outcome"],
 )
 RECOVERY_CHANNELS = Counter("amqproxy_recovery_channels_recovered_total", "Client channels recovered")

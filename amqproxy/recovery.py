@@ -305,6 +305,11 @@ class ConfirmTracker:
         self.nacked = 0  # publishes the last `lost` nacked
 
     def confirmed(self, tag: int, multiple: bool) -> None:
+        above = self.above
+        if not above and (multiple or tag == self.acked_upto + 1):
+            if tag > self.acked_upto:  # the usual case: confirms in order
+                self.acked_upto = tag
+            return
         if multiple:
             if tag > self.acked_upto:
                 self.acked_upto = tag

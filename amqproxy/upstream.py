@@ -64,6 +64,7 @@ _WATCHED = frozenset(
 _TX_COMMIT_OK = (90, 21)
 _CONFIRMS = frozenset({c.BASIC_ACK, c.BASIC_NACK})
 _U64_BIT = struct.Struct(">QB")
+_U64 = struct.Struct(">Q")
 _DELIVERIES = frozenset({c.BASIC_DELIVER, c.BASIC_GET_OK})
 
 
@@ -350,6 +351,7 @@ class Upstream:
         pack_header = FRAME_HEADER_STRUCT.pack
         frame_header = FRAME_HEADER_STRUCT.unpack_from
         unpack_method = _METHOD_ID.unpack_from
+        unpack_body_size = _U64.unpack_from
         valid_types = VALID_FRAME_TYPES
         max_frame = self.frame_max
         frame_counts = FRAMES[UPSTREAM_TO_CLIENT]
@@ -424,8 +426,15 @@ class Upstream:
                                     out = batches[client] = bytearray()
                                 out += method_frame(link.client_channel, rewritten)  # type: ignore[arg-type]
                                 continue
-                        elif link.closing and link.c_close_sent:
-                            continue
+                        else:
+                            # Content body bytes still due to the client on this channel: a loss
+                            # that cuts a delivery in the middle cannot be recovered on it.
+                            if frame_type == c.FRAME_HEADER:
+                                link.body_due = unpack_body_size(buf, start + 4)[0]
+                            else:
+                                link.body_due -= size
+                            if link.closing and link.c_close_sent:
+                                continue
                         client = link.client
                         if client is None or client.closing:
                             continue
