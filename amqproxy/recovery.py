@@ -75,7 +75,6 @@ class Pending(NamedTuple):
 class Queue(NamedTuple):
     raw: bytes  # queue.declare payload
     durable: bool
-    unrecoverable: str  # why it cannot be re-declared ("" when it can)
 
 
 class Binding(NamedTuple):
@@ -95,15 +94,22 @@ def unrecoverable_queue(server_named: bool, exclusive: bool, auto_delete: bool) 
     return ""
 
 
-class Topology:
-    """Exchanges, queues and bindings a client declared, in declaration order."""
+# Queues that die with their connection are remembered only to cancel their consumers at a
+# loss; a client that makes many of them (a reply queue per request) keeps the latest ones.
+MAX_TRANSIENT_QUEUES = 4096
 
-    __slots__ = ("exchanges", "queues", "bindings")
+
+class Topology:
+    """Exchanges, queues and bindings a client declared, in declaration order; `transient`:
+    the queues that cannot be re-declared (name -> why), oldest first."""
+
+    __slots__ = ("exchanges", "queues", "bindings", "transient")
 
     def __init__(self) -> None:
         self.exchanges: dict[str, bytes] = {}
         self.queues: dict[str, Queue] = {}
         self.bindings: dict[tuple[Any, ...], Binding] = {}
+        self.transient: dict[str, str] = {}
 
     def __len__(self) -> int:
         return len(self.exchanges) + len(self.queues) + len(self.bindings)
@@ -123,7 +129,15 @@ class Topology:
             if args["passive"] or not queue_name:
                 return
             reason = unrecoverable_queue(not args["queue"], args["exclusive"], args["auto_delete"])
-            self.queues[queue_name] = Queue(raw, args["durable"], reason)
+            if not reason:
+                self.transient.pop(queue_name, None)
+                self.queues[queue_name] = Queue(raw, args["durable"])
+                return
+            self.queues.pop(queue_name, None)
+            self.transient.pop(queue_name, None)
+            self.transient[queue_name] = reason
+            if len(self.transient) > MAX_TRANSIENT_QUEUES:
+                self.forget_queue(next(iter(self.transient)))
         elif method == c.QUEUE_DELETE:
             self.forget_queue(queue_name or args["queue"])
         elif method in (c.QUEUE_BIND, c.EXCHANGE_BIND):
@@ -139,30 +153,23 @@ class Topology:
 
     def forget_queue(self, name: str) -> None:
         self.queues.pop(name, None)
+        self.transient.pop(name, None)
         for key, binding in list(self.bindings.items()):
             if binding.to_queue and binding.destination == name:
                 del self.bindings[key]
 
     def unrecoverable(self, queue: str) -> str:
         """Why consumers on `queue` cannot be recovered ("" when they can)."""
-        known = self.queues.get(queue)
-        return known.unrecoverable if known is not None else ""
-
-    def lost(self) -> list[str]:
-        """At an upstream loss: queues that died with it are forgotten (with their bindings)."""
-        gone = [name for name, queue in self.queues.items() if queue.unrecoverable]
-        for name in gone:
-            self.forget_queue(name)
-        return gone
+        return self.transient.get(queue, "")
 
     def replay(self) -> list[bytes]:
         """Method payloads to re-declare everything recoverable: exchanges, queues, bindings."""
         out = list(self.exchanges.values())
-        out += [queue.raw for queue in self.queues.values() if not queue.unrecoverable]
+        out += [queue.raw for queue in self.queues.values()]
         out += [
             binding.raw
             for binding in self.bindings.values()
-            if not binding.to_queue or not self.unrecoverable(binding.destination)
+            if not binding.to_queue or binding.destination not in self.transient
         ]
         return out
 

@@ -345,3 +345,18 @@ def test_out_of_order_confirms_fill_the_gap():
 
 def test_nothing_published_nothing_nacked():
     assert ConfirmTracker().lost(0) == []
+
+
+def test_transient_queues_are_bounded_and_a_redeclare_changes_the_verdict(monkeypatch):
+    import amqproxy.recovery as recovery
+
+    monkeypatch.setattr(recovery, "MAX_TRANSIENT_QUEUES", 3)
+    record, topology = ChannelRecord(), Topology()
+    for i in range(5):
+        send(record, topology, c.QUEUE_DECLARE, **queue_declare(f"r{i}", exclusive=True, nowait=True))
+        send(record, topology, c.QUEUE_BIND, **queue_bind(f"r{i}", "amq.direct", nowait=True))
+    assert list(topology.transient) == ["r2", "r3", "r4"]
+    assert len(topology.bindings) == 3  # the evicted queues' bindings went with them
+    q = send(record, topology, c.QUEUE_DECLARE, **queue_declare("r4", durable=True, nowait=True))
+    assert topology.unrecoverable("r4") == ""
+    assert topology.replay()[0] == q
