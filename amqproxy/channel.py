@@ -131,10 +131,13 @@ class Gap:
     `Upstream` (and of its outbox) that the client's forwarding loop uses, so that the hot path
     has no recovery branch: past `limit` bytes the client is not read until the gap ends."""
 
-    __slots__ = ("held", "high_watermark", "max_body", "state", "outbox", "_room")
+    __slots__ = ("held", "resend", "high_watermark", "max_body", "state", "outbox", "_room")
 
-    def __init__(self, limit: int, max_body: int) -> None:
+    def __init__(self, limit: int, max_body: int, resend: list[bytes]) -> None:
         self.held = bytearray()
+        # Requests the lost upstream never answered (payloads): sent again before `held`, whose
+        # own requests are not among them.
+        self.resend = resend
         self.high_watermark = limit
         self.max_body = max_body
         self.state = "recovering"

@@ -1168,7 +1168,7 @@ class ClientSession:
             if not self._cancel_lost_consumers(link, counts):
                 counts["failed"] += 1
                 continue
-            gap = Gap(self.config.recovery_buffer, upstream.max_body)
+            gap = Gap(self.config.recovery_buffer, upstream.max_body, [r.raw for r in link.record.pending])
             link.upstream = gap  # type: ignore[assignment]  # duck-types Upstream for the forwarding loop
             link.upstream_channel = channel
             gaps.append((link, gap))
@@ -1358,8 +1358,8 @@ class ClientSession:
                         link.swallow_qos_ok += 1
                     else:
                         out += method_frame(channel, consume_nowait(value))
-                for request in link.record.pending:
-                    out += method_frame(channel, request.raw)
+                for raw in gap.resend:
+                    out += method_frame(channel, raw)
             out += renumber_frames(gap.held, channel, upstream.max_body)
             if link.content:
                 link.content[:] = renumber_frames(link.content, channel, upstream.max_body)

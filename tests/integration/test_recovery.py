@@ -406,3 +406,44 @@ def test_outage_longer_than_recovery_timeout_ends_in_320(own_broker, proxy_facto
     records = recovery_logs(proc)
     assert [r["outcome"] for r in records] == ["timeout"], records
     json.dumps(records)
+
+
+@pytest.mark.timeout(60)
+def test_requests_sent_during_the_gap_are_answered_once_in_order(own_broker, proxy_factory):
+    """A client that declares queues while its channel is being recovered (its frames are held)
+    gets each declare-ok exactly once, in order, and its consumer keeps its numbering."""
+    proc = proxy_factory("--upstream", own_broker.upstream_url, *RECOVERY_ARGS)
+    conn = connect(proc)
+    ch = conn.channel()
+    base = f"recovery-gap-{time.monotonic_ns()}"
+    ch.queue_declare(base, durable=True)
+    ch.basic_publish("", base, b"one", pika.BasicProperties(delivery_mode=2))
+    first = wait_until(lambda: ch.basic_get(base)[0], 10)  # unacked delivery, tag 1
+    declared: list[str] = []
+    errors: list[BaseException] = []
+
+    def declare_during_gap() -> None:
+        try:
+            for suffix in ("a", "b"):
+                declared.append(ch.queue_declare(f"{base}-{suffix}", auto_delete=False).method.queue)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    own_broker.stop_app()
+    worker = threading.Thread(target=declare_during_gap, daemon=True)
+    try:
+        worker.start()  # pika is not thread-safe: the main thread leaves `conn` alone meanwhile
+        time.sleep(0.5)  # intrinsic: the declares must be sent while the node is down
+        assert not declared, "answered while the node was down"
+    finally:
+        own_broker.start_app()
+    worker.join(40)
+    assert not worker.is_alive() and not errors, errors
+    assert declared == [f"{base}-a", f"{base}-b"]
+    ch.basic_ack(first.delivery_tag)  # from before the loss: dropped by the proxy, no 406
+    method = wait_until(lambda: ch.basic_get(base)[0], 10)  # "one" again, requeued by the broker
+    assert method.redelivered and method.delivery_tag > first.delivery_tag
+    ch.basic_ack(method.delivery_tag)
+    assert ch.queue_declare(base, passive=True).method.message_count == 0
+    conn.close()
+    assert metric(proc, "amqproxy_recovery_stale_acks_total") == 1
