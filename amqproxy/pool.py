@@ -208,7 +208,10 @@ class Pool:
         )
         self._check_capacity(key)
         assert client.credentials is not None
-        upstream = self._dial(client.credentials, key[2], deadline)
+        # With --upstream-failure recover a connected client's channel waits out an outage (up to
+        # the deadline) rather than fail its whole connection at once, breakers all open or not.
+        patient = self.config.upstream_failure == "recover"
+        upstream = self._dial(client.credentials, key[2], deadline, patient)
         self.upstreams.setdefault(key, []).append(upstream)
 
     def _choose(self, key: PoolKey, client: ClientSession, role: str) -> Upstream | None:
@@ -246,7 +249,9 @@ class Pool:
 
     # ------------------------------------------------------------------ dialling
 
-    def _dial(self, credentials: Credentials, vhost: str | None, deadline: float | None) -> Upstream:
+    def _dial(
+        self, credentials: Credentials, vhost: str | None, deadline: float | None, patient: bool = False
+    ) -> Upstream:
         """Connect to the first node that answers, retrying with backoff until `deadline`.
 
         A broker refusal (403, unknown vhost) is final. With every breaker open, fail at once
@@ -259,7 +264,7 @@ class Pool:
             candidates = self.nodes.candidates()
             # Fail fast only for a *new* request: one already waiting out an outage keeps waiting
             # (a breaker that opens meanwhile half-opens later and lets its probe through).
-            fail_fast = first and self.config.breaker_all_open == "fail-fast"
+            fail_fast = first and not patient and self.config.breaker_all_open == "fail-fast"
             first = False
             if not candidates and fail_fast and self.nodes.all_open():
                 raise UpstreamError(

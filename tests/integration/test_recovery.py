@@ -24,11 +24,12 @@ import urllib.request
 
 import amqp
 import amqp.exceptions
+import pamqp.commands as C
 import pika
 import pika.exceptions
 import pytest
 
-from ._support import wait_until
+from ._support import RawAMQP, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.proxy_only]
 
@@ -447,3 +448,33 @@ def test_requests_sent_during_the_gap_are_answered_once_in_order(own_broker, pro
     assert ch.queue_declare(base, passive=True).method.message_count == 0
     conn.close()
     assert metric(proc, "amqproxy_recovery_stale_acks_total") == 1
+
+
+@pytest.mark.timeout(60)
+def test_exclusive_consumer_without_cancel_notify_gets_its_channel_closed(own_broker, proxy_factory):
+    """A client that did not advertise consumer_cancel_notify cannot take a basic.cancel: its
+    channel is closed with a reply text naming the reason; its connection lives on."""
+    proc = proxy_factory("--upstream", own_broker.upstream_url, *RECOVERY_ARGS)
+    with RawAMQP(proc.host, proc.port, timeout=40) as raw:
+        _start, _tune, reply = raw.handshake()
+        assert isinstance(reply, C.Connection.OpenOk), reply
+        raw.send(C.Channel.Open(), 1)
+        raw.expect(C.Channel.OpenOk, 1)
+        raw.send(C.Queue.Declare(queue="", exclusive=True), 1)
+        queue = raw.expect(C.Queue.DeclareOk, 1).queue
+        raw.send(C.Basic.Consume(queue=queue, consumer_tag="only"), 1)
+        raw.expect(C.Basic.ConsumeOk, 1)
+        own_broker.stop_app()
+        try:
+            close = raw.expect(C.Channel.Close, 1)
+        finally:
+            own_broker.start_app()
+        assert close.reply_code == 404, close
+        assert "consumer 'only' cannot be recovered" in close.reply_text and queue in close.reply_text, close
+        raw.send(C.Channel.CloseOk(), 1)
+        # The connection is fine: a new channel works once the node is back.
+        raw.send(C.Channel.Open(), 2)
+        raw.expect(C.Channel.OpenOk, 2)
+        raw.send(C.Queue.Declare(queue="", exclusive=True), 2)
+        raw.expect(C.Queue.DeclareOk, 2)
+    assert metric(proc, "amqproxy_recovery_channels_failed_total") == 1
