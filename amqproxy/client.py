@@ -1242,8 +1242,10 @@ class ClientSession:
                     counts["recovered"] += 1
                     topology = []
                 elif result == "client_gone":
-                    outcome = "client_gone"
-                    break
+                    if self.closing:
+                        outcome = "client_gone"
+                        break
+                    gap.end()  # that channel alone is gone; the others go on
                 elif result.startswith("timeout"):
                     outcome = "timeout"
                     self.close_kind = "upstream_lost"
