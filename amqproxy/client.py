@@ -18,9 +18,10 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 import gevent
+from gevent.event import AsyncResult
 
 from .access import USER_REFUSED_CODE, VHOST_REFUSED_CODE, user_refused_text, vhost_refused_text
-from .channel import Link
+from .channel import Gap, Link, Replay
 from .limits import CLIENT_BYTE_RATE, Decision, Refusal, TokenBucket
 from .metrics import BYTES, CLIENT_TO_UPSTREAM, FORWARD_LATENCY_U2C, FRAMES
 from .outbox import Outbox
@@ -49,17 +50,18 @@ from .protocol.handshake import (
     tune_payload,
 )
 from .protocol.rules import CLIENT_CHANNEL_METHODS, EXPECT_METHOD, QUEUE_ACCESS_METHODS, check_ack_layout, role_of
-from .upstream import UpstreamError
+from .recovery import ConfirmTracker, Topology, ack_tag, consume_nowait, qos_default
+from .upstream import Upstream, UpstreamError
 
 if TYPE_CHECKING:
     from .server import Proxy
     from .tls import PeerInfo
-    from .upstream import Upstream
 
 log = logging.getLogger("amqproxy.client")
 audit_log = logging.getLogger("amqproxy.audit")
 
 _METHOD_ID = struct.Struct(">HH")
+_ACK_ARGS = struct.Struct(">QB")
 _RECV_SIZE = 256 * 1024
 _ACKS = frozenset({c.BASIC_ACK, c.BASIC_NACK, c.BASIC_REJECT})
 _CHANNEL_OPEN = encode_method(c.CHANNEL_OPEN)
@@ -77,6 +79,25 @@ def _short_method_text(payload: memoryview) -> str:
     """RabbitMQ's text for a method frame too short to hold its (class, method) id."""
     octets = ",".join(str(b) for b in payload.tobytes())
     return f"type 1, all octets = <<{octets}>>: unknown_frame"
+
+
+def renumber_frames(data: bytes | bytearray, channel: int, max_body: int) -> bytearray:
+    """Whole frames re-addressed to `channel` (bodies re-split to `max_body` when larger)."""
+    out = bytearray()
+    pos = 0
+    end_all = len(data)
+    with memoryview(data) as view:
+        while pos < end_all:
+            frame_type, _channel, size = FRAME_HEADER_STRUCT.unpack_from(data, pos)
+            start = pos + 7
+            end = start + size
+            if frame_type == c.FRAME_BODY and size > max_body:
+                append_split_body(out, channel, view[start:end], max_body)
+            else:
+                out += FRAME_HEADER_STRUCT.pack(frame_type, channel, size)
+                out += view[start : end + 1]
+            pos = end + 1
+    return out
 
 
 class _Refused(Exception):
@@ -101,6 +122,7 @@ class ClientSession:
         self.auth_user = ""  # the --auth-file user; self.credentials are then the broker's, mapped
         self.id = f"{_id_prefix}-{next(_ids):x}"
         self.channels: dict[int, Link] = {}
+        self.topology = Topology()  # what this client declared, for recovery (control path only)
         self.capabilities: frozenset[str] = frozenset()
         self.credentials: Credentials | None = None
         self.vhost: str | None = None
@@ -759,6 +781,8 @@ class ClientSession:
                             # whole shared connection (e.g. the client leaving mid-message).
                             link.on_publish(buf, start, end)
                             self.messages_in += 1
+                            if link.confirm:
+                                link.published += 1  # the client's publish sequence number
                             if link.upstream_channel == channel:
                                 link.content += view[frame_start:pos]
                             else:
@@ -768,6 +792,14 @@ class ClientSession:
                         elif method in _ACKS:
                             link.on_method(method)
                             check_ack_layout(method, end - start)
+                            if link.tag_offset:  # only on a channel that went through a recovery
+                                renumbered = self._renumber_ack(link, method, buf, start)
+                                if renumbered is not None:
+                                    out = batches.get(link.upstream)  # type: ignore[arg-type]
+                                    if out is None:
+                                        out = batches[link.upstream] = bytearray()  # type: ignore[index]
+                                    out += method_frame(link.upstream_channel, renumbered)
+                                continue
                         elif not self._on_control_method(link, method, view[start:end]):
                             continue
                     elif link is None:
@@ -891,8 +923,9 @@ class ClientSession:
             raise ProtocolError(c.CHANNEL_ERROR, "second 'channel.open' seen", method)
         self._flush()  # placement may have to dial: what was read before goes first
         self.throttled = True  # not reading the client meanwhile is our doing, not a missed heartbeat
+        link.role = role_of(method)
         try:
-            opened = self.pool.place(self, link, role_of(method))
+            opened = self.pool.place(self, link, link.role)
         except UpstreamError as exc:
             if exc.reply_code:  # e.g. 506 with its own text
                 raise ProtocolError(exc.reply_code, exc.text, method) from exc
@@ -953,7 +986,7 @@ class ClientSession:
             if method == c.QUEUE_DECLARE:
                 exclusive = args["exclusive"] and not args["passive"]
                 reserved = None
-                if exclusive and queue and link.upstream is not None and owner is None:
+                if exclusive and queue and owner is None and isinstance(link.upstream, Upstream):
                     # Reserve the name now: a second client declaring it before our declare-ok
                     # must get 405, as it would from the broker on its own connection.
                     self.pool.exclusive.add(self.vhost or "", queue, self, link.upstream)
@@ -969,7 +1002,21 @@ class ClientSession:
                 link.consumer_tags.add(args["consumer_tag"])
         elif method == c.BASIC_CANCEL and args["nowait"]:
             link.consumer_tags.discard(args["consumer_tag"])  # no cancel-ok will come
+        elif method == c.CONFIRM_SELECT and not link.confirm:
+            link.confirm = True  # the broker numbers publishes from here
+            link.confirms = ConfirmTracker()
+        link.record.request(method, args, bytes(payload), self.topology)
         return True
+
+    def _renumber_ack(self, link: Link, method: tuple[int, int], buf: bytearray, start: int) -> bytes | None:
+        """A client ack/nack/reject on a recovered channel, in the broker's numbering; None when it
+        names a delivery from before the recovery (dropped: the broker requeued it already)."""
+        tag, bits = _ACK_ARGS.unpack_from(buf, start + 4)
+        upstream_tag = ack_tag(tag, method != c.BASIC_REJECT and bool(bits & 1), link.tag_offset)
+        if upstream_tag is None:
+            self.proxy.metrics.stale_ack()
+            return None
+        return bytes(buf[start : start + 4]) + _ACK_ARGS.pack(upstream_tag, bits)
 
     def _on_client_channel_close(self, link: Link) -> None:
         """The client closes an open channel: the broker's Close-Ok will answer it."""
@@ -1054,9 +1101,289 @@ class ClientSession:
             if outbox.buffered > _HARD_BUFFER_FACTOR * self.config.client_buffer:
                 self.abort(f"slow client: more than {outbox.buffered} bytes waiting to be written", "slow_client")
 
-    def upstream_lost(self, upstream: Upstream, cause: str) -> None:
+    def upstream_lost(self, upstream: Upstream, cause: str, links: list[Link] | None = None) -> None:
+        """`upstream` died with these channels of ours on it: recover them or close with 320."""
+        if self.closing:
+            return
+        if self.config.upstream_failure == "recover" and not self.pool.stopping and self.vhost is not None:
+            self._begin_recovery(upstream, cause, links or [])
+            return
         self.close_kind = "upstream_lost"
         self.close_connection(c.CONNECTION_FORCED, f"CONNECTION_FORCED - upstream connection lost: {cause}"[:255])
+
+    # ------------------------------------------------------------------ recovery (--upstream-failure recover)
+
+    def _begin_recovery(self, upstream: Upstream, cause: str, links: list[Link]) -> None:
+        """At the loss, in the failing upstream's greenlet (never blocks): settle what cannot wait
+        -- nack outstanding publishes, fail what cannot be recovered, cancel consumers of queues
+        that died -- and put each remaining channel in a `Gap` that holds its client's frames;
+        a greenlet then re-establishes them (`_recover`)."""
+        if not links:
+            return  # only exclusive queues of ours died there: using them now gets the broker's 404
+        cut = [link.client_channel for link in links if link.body_due > 0 and not link.closing]
+        if cut:
+            # A delivery cut in the middle of its content frames: the client waits for body
+            # frames that will never come, and any other frame on that channel is a connection
+            # error for it. Only a Connection.Close ends that cleanly.
+            self.proxy.metrics.recovery_channel_failed("content_cut")
+            self.proxy.metrics.recovery("failed", 0.0, 0, 0, 0)
+            self.close_kind = "upstream_lost"
+            self.close_connection(
+                c.CONNECTION_FORCED,
+                (
+                    f"CONNECTION_FORCED - upstream connection lost: a delivery on channel {cut[0]} was cut in the "
+                    f"middle of its content frames; {cause}"
+                )[:255],
+            )
+            return
+        started = time.monotonic()
+        outbox = self.outbox
+        counts = {"nacked": 0, "cancelled": 0, "failed": 0, "recovered": 0}
+        gaps: list[tuple[Link, Gap]] = []
+        for link in sorted(links, key=lambda lk: lk.client_channel):
+            if link.waiter is not None or link.client is not self:
+                continue  # being placed by our own greenlet, which retries elsewhere
+            channel = link.client_channel
+            if link.closing:
+                # A close handshake in progress: the lost side answers for the broker.
+                link.upstream = None
+                if link.c_close_received and not link.c_close_ok_sent:
+                    link.c_close_ok_sent = True
+                    outbox.put(method_frame(channel, _CHANNEL_CLOSE_OK))
+                if link.client_side_done():
+                    self.forget(link)
+                continue
+            tracker = link.confirms
+            if tracker is not None:
+                # A publish still arriving from the client (held until complete) never reached
+                # the lost upstream: it goes to the new one, as the first of its numbering.
+                sent = link.published - (1 if link.content else 0)
+                nacks = tracker.lost(sent)
+                for tag, multiple in nacks:
+                    outbox.put(
+                        method_frame(
+                            channel, encode_method(c.BASIC_NACK, delivery_tag=tag, multiple=multiple, requeue=False)
+                        )
+                    )
+                counts["nacked"] += tracker.nacked
+                link.confirm_offset = sent
+            link.tag_offset = link.delivered
+            if link.record.tx:
+                self._fail_channel(
+                    link,
+                    c.PRECONDITION_FAILED,
+                    "PRECONDITION_FAILED - upstream connection lost while the channel was in transaction "
+                    "mode (tx.select): its uncommitted work is lost; open a new channel",
+                    "tx",
+                )
+                counts["failed"] += 1
+                continue
+            if not self._cancel_lost_consumers(link, counts):
+                counts["failed"] += 1
+                continue
+            gap = Gap(self.config.recovery_buffer, upstream.max_body, [r.raw for r in link.record.pending])
+            link.upstream = gap  # type: ignore[assignment]  # duck-types Upstream for the forwarding loop
+            link.upstream_channel = channel
+            gaps.append((link, gap))
+        gevent.spawn(self._recover, upstream.node.label, cause, started, gaps, counts)
+
+    def _cancel_lost_consumers(self, link: Link, counts: dict[str, int]) -> bool:
+        """Consumers on queues that died with the upstream (exclusive, auto-delete, server-named)
+        cannot be re-issued: basic.cancel to a client that takes it, else the channel is closed.
+        Returns whether the channel lives on."""
+        for consumer in link.record.consumers():
+            reason = self.topology.unrecoverable(consumer.queue)
+            if not reason:
+                continue
+            if "consumer_cancel_notify" not in self.capabilities:
+                self._fail_channel(
+                    link,
+                    c.NOT_FOUND,
+                    f"NOT_FOUND - upstream connection lost: consumer '{consumer.tag}' cannot be recovered, its "
+                    f"{reason} queue '{consumer.queue}' is gone",
+                    "consumer_lost",
+                )
+                return False
+            link.record.cancelled(consumer.tag)
+            link.consumer_tags.discard(consumer.tag)
+            counts["cancelled"] += 1
+            self.outbox.put(
+                method_frame(link.client_channel, encode_method(c.BASIC_CANCEL, consumer_tag=consumer.tag, nowait=True))
+            )
+        return True
+
+    def _fail_channel(self, link: Link, reply_code: int, text: str, reason: str) -> None:
+        """A channel that cannot be recovered: Channel.Close to the client (nothing upstream)."""
+        self.proxy.metrics.recovery_channel_failed(reason)
+        log.warning(
+            "channel not recovered",
+            extra=self._log_extra(
+                "recovery_channel_failed", channel=link.client_channel, reason=reason, reply_text=text[:255]
+            ),
+        )
+        gap = link.upstream
+        link.upstream = None
+        if isinstance(gap, Gap):
+            gap.end()
+        if link.closing:
+            if link.c_close_received and not link.c_close_ok_sent:
+                link.c_close_ok_sent = True
+                self.outbox.put(method_frame(link.client_channel, _CHANNEL_CLOSE_OK))
+            if link.client_side_done():
+                self.forget(link)
+            return
+        link.begin_close()
+        link.c_close_sent = True
+        self.outbox.put(
+            method_frame(
+                link.client_channel, encode_method(c.CHANNEL_CLOSE, reply_code=reply_code, reply_text=text[:255])
+            )
+        )
+
+    def _recover(
+        self, node: str, cause: str, started: float, gaps: list[tuple[Link, Gap]], counts: dict[str, int]
+    ) -> None:
+        """Re-establish each channel on a healthy upstream (backoff and breakers as for any dial)
+        within --recovery-timeout; the client's topology is re-declared first."""
+        deadline = started + self.config.recovery_timeout
+        topology = self.topology.replay()
+        outcome = "recovered"
+        try:
+            for link, gap in gaps:
+                result = self._recover_channel(link, gap, deadline, topology)
+                if result == "recovered":
+                    counts["recovered"] += 1
+                    topology = []
+                elif result == "client_gone":
+                    if self.closing:
+                        outcome = "client_gone"
+                        break
+                    gap.end()  # that channel alone is gone; the others go on
+                elif result.startswith("timeout"):
+                    outcome = "timeout"
+                    self.close_kind = "upstream_lost"
+                    self.close_connection(
+                        c.CONNECTION_FORCED,
+                        f"CONNECTION_FORCED - upstream connection lost: {cause}; not recovered within "
+                        f"{self.config.recovery_timeout:g} s ({result[8:] or 'no upstream'})"[:255],
+                    )
+                    break
+                else:
+                    counts["failed"] += 1
+                    self._fail_channel(
+                        link,
+                        c.PRECONDITION_FAILED,
+                        f"PRECONDITION_FAILED - upstream connection lost; the channel could not be re-established: "
+                        f"{result}",
+                        "replay_error",
+                    )
+        finally:
+            for _link, gap in gaps:
+                gap.end()
+        if outcome == "recovered" and counts["failed"]:
+            outcome = "partial"
+        duration = time.monotonic() - started
+        self.proxy.metrics.recovery(outcome, duration, counts["recovered"], counts["cancelled"], counts["nacked"])
+        log.log(
+            logging.INFO if outcome == "recovered" else logging.WARNING,
+            "upstream recovery",
+            extra=self._log_extra(
+                "recovery",
+                node=node,
+                cause=cause[:255],
+                outcome=outcome,
+                duration_s=round(duration, 3),
+                channels=counts["recovered"] + counts["failed"],
+                channels_recovered=counts["recovered"],
+                channels_failed=counts["failed"],
+                consumers_cancelled=counts["cancelled"],
+                publishes_nacked=counts["nacked"],
+            ),
+        )
+
+    def _recover_channel(self, link: Link, gap: Gap, deadline: float, topology: list[bytes]) -> str:
+        """One channel: a stand-in link is placed and replays the setup the client should not see
+        (topology, confirm.select) up to a basic.qos round trip; then the channel moves onto it at
+        once (no yield), replays its qos and consumers in order, re-sends its unanswered requests
+        and the frames held meanwhile. Returns "recovered", "client_gone", "timeout[: why]" or
+        the broker's refusal."""
+        delays = self.pool.backoff.delays()
+        last_error = ""
+        role = link.role or "consume"
+        while True:
+            if self.closing or link.client is None:
+                return "client_gone"
+            if link.closing and link.upstream is not gap:
+                return "client_gone"
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return f"timeout: {last_error}" if last_error else "timeout"
+            stand_in = Link(None, link.client_channel, None, 0)
+            try:
+                opened = self.pool.place(self, stand_in, role, deadline)
+            except UpstreamError as exc:
+                last_error = exc.text
+                if exc.permanent:
+                    return f"timeout: {exc.text}"
+                gevent.sleep(min(next(delays), max(0.0, deadline - time.monotonic())))
+                continue
+            upstream = stand_in.upstream
+            assert upstream is not None
+            channel = stand_in.upstream_channel
+            replay = stand_in.replay = Replay(1)
+            stand_in.waiter = waiter = AsyncResult()
+            frames = bytearray()
+            if not opened:
+                frames += method_frame(channel, _CHANNEL_OPEN)
+            for raw in topology:
+                frames += method_frame(channel, raw)
+            if link.record.confirm:
+                frames += method_frame(channel, encode_method(c.CONFIRM_SELECT, nowait=True))
+            frames += method_frame(channel, qos_default())  # the round trip that ends the replay
+            upstream.send(frames)
+            try:
+                ok = bool(waiter.get(timeout=max(0.0, deadline - time.monotonic())))
+            except gevent.Timeout:
+                ok = False
+            finally:
+                stand_in.waiter = None
+            if not ok:
+                if replay.error:
+                    return replay.error
+                if upstream.state == "open":  # no answer in time
+                    upstream.close_channel(stand_in, 200, "recovery timed out")
+                continue  # the new upstream died too: place again
+            if self.closing or link.client is None or link.upstream is not gap:
+                upstream.close_channel(stand_in, 200, "client connection closed")
+                return "client_gone"
+            # The move: from here to the send nothing yields, so no client frame can overtake.
+            stand_in.replay = None
+            upstream.links[channel] = link
+            link.upstream = upstream
+            link.upstream_channel = channel
+            if upstream.role is None:
+                upstream.role = role if self.config.separate_publishers else "any"
+            self.preferred[upstream.role] = upstream
+            self.upstream_ids.add(upstream.id)
+            out = bytearray()
+            if not link.closing:
+                for kind, value in link.record.settings:
+                    if kind == "qos":
+                        out += method_frame(channel, value)
+                        link.swallow_qos_ok += 1
+                    else:
+                        out += method_frame(channel, consume_nowait(value))
+                for raw in gap.resend:
+                    out += method_frame(channel, raw)
+            out += renumber_frames(gap.held, channel, upstream.max_body)
+            if link.content:
+                link.content[:] = renumber_frames(link.content, channel, upstream.max_body)
+            gap.held.clear()
+            upstream.send(out)
+            gap.end()
+            if upstream.blocked_reason is not None:
+                self.upstream_blocked(upstream, upstream.blocked_reason)
+            return "recovered"
 
     def upstream_blocked(self, upstream: Upstream, reason: str) -> None:
         if "connection.blocked" not in self.capabilities or self.closing:

@@ -90,6 +90,9 @@ class Config:
     breaker_open_max: float = 60.0
     breaker_max_open_percent: float = 50.0
     breaker_all_open: str = "fail-fast"
+    upstream_failure: str = "recover"
+    recovery_timeout: float = 30.0
+    recovery_buffer: int = 4 * 1024 * 1024
     admin_token: str = ""
     # TLS and authentication (#5)
     tls_listen: tuple[str, int] | None = None
@@ -508,6 +511,29 @@ OPTIONS: tuple[Option, ...] = (
         "fail-fast",
         "when every node's breaker is open: refuse new clients at once, or queue them up to --connect-timeout",
         "MODE",
+    ),
+    Option(
+        "upstream_failure",
+        _choice("recover", "close"),
+        "recover",
+        "when an upstream connection is lost: re-establish its clients' channels on a healthy upstream "
+        "(topology, qos, confirms, consumers; see docs/OPERATIONS.md), or close those clients with 320",
+        "MODE",
+    ),
+    Option(
+        "recovery_timeout",
+        _positive_float,
+        "30",
+        "how long --upstream-failure recover tries to bring a client's lost channels back before 320",
+        "SECONDS",
+    ),
+    Option(
+        "recovery_buffer",
+        _positive_int,
+        str(4 * 1024 * 1024),
+        "bytes a recovering channel holds from its client (publishes during the gap) before the client "
+        "stops being read",
+        "BYTES",
     ),
     # TLS and authentication (#5)
     Option(

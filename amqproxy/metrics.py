@@ -114,6 +114,34 @@ FORWARD_LATENCY = Histogram(
     ["direction"],
     buckets=LATENCY_BUCKETS,
 )
+RECOVERIES = Counter(
+    "amqproxy_recoveries_total",
+    "Client recoveries after an upstream loss (--upstream-failure recover), by outcome: recovered, "
+    "partial (some channels failed), timeout (320), failed (320: a delivery cut mid-message), client_gone",
+    ["outcome"],
+)
+RECOVERY_CHANNELS = Counter("amqproxy_recovery_channels_recovered_total", "Client channels recovered")
+RECOVERY_CHANNELS_FAILED = Counter(
+    "amqproxy_recovery_channels_failed_total",
+    "Client channels closed because they could not be recovered, by reason",
+    ["reason"],
+)
+RECOVERY_CONSUMERS_CANCELLED = Counter(
+    "amqproxy_recovery_consumers_cancelled_total",
+    "Consumers on queues lost with their upstream (exclusive, auto-delete, server-named), cancelled",
+)
+RECOVERY_NACKED = Counter(
+    "amqproxy_recovery_publishes_nacked_total", "Publishes outstanding at an upstream loss, nacked to the client"
+)
+RECOVERY_STALE_ACKS = Counter(
+    "amqproxy_recovery_stale_acks_total",
+    "Client acks/nacks/rejects for deliveries from before a recovery, dropped (the broker requeued them)",
+)
+RECOVERY_DURATION = Histogram(
+    "amqproxy_recovery_duration_seconds",
+    "Upstream loss to the end of a client's recovery",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120),
+)
 FORWARD_LATENCY_C2U = FORWARD_LATENCY.labels(CLIENT_TO_UPSTREAM)
 FORWARD_LATENCY_U2C = FORWARD_LATENCY.labels(UPSTREAM_TO_CLIENT)
 
@@ -179,6 +207,19 @@ class Metrics:
 
     def access_denied(self, reason: str) -> None:
         ACCESS_DENIED.labels(reason).inc()
+
+    def recovery(self, outcome: str, seconds: float, recovered: int, cancelled: int, nacked: int) -> None:
+        RECOVERIES.labels(outcome).inc()
+        RECOVERY_DURATION.observe(seconds)
+        RECOVERY_CHANNELS.inc(recovered)
+        RECOVERY_CONSUMERS_CANCELLED.inc(cancelled)
+        RECOVERY_NACKED.inc(nacked)
+
+    def recovery_channel_failed(self, reason: str) -> None:
+        RECOVERY_CHANNELS_FAILED.labels(reason).inc()
+
+    def stale_ack(self) -> None:
+        RECOVERY_STALE_ACKS.inc()
 
 
 class LiveStateCollector(Collector):

@@ -148,7 +148,7 @@ class Pool:
 
     # ------------------------------------------------------------------ channels
 
-    def place(self, client: ClientSession, link: Link, role: str) -> bool:
+    def place(self, client: ClientSession, link: Link, role: str, deadline: float | None = None) -> bool:
         """Give a client channel a fresh channel on an upstream connection suited to its role.
 
         Returns whether the upstream channel.open was already sent and answered (a connection
@@ -157,7 +157,8 @@ class Pool:
         if not self.config.separate_publishers:
             role = ROLE_ANY
         key = client.pool_key
-        deadline = time.monotonic() + self.config.connect_timeout
+        if deadline is None:
+            deadline = time.monotonic() + self.config.connect_timeout
         while True:
             upstream = self._choose(key, client, role)
             if upstream is None:
@@ -175,6 +176,11 @@ class Pool:
                 timeout = min(VERIFY_TIMEOUT, self.config.connect_timeout)
                 if upstream.open_channel(link, timeout):
                     return True
+                if upstream.state == "closed" and self.config.upstream_failure == "recover":
+                    # It died while answering (a node going down): try the next connection.
+                    if time.monotonic() > deadline:
+                        raise UpstreamError(f"connection to {upstream.node.label} lost: {upstream.close_cause}")
+                    continue
                 upstream.fail(
                     f"health check failed: no answer from {upstream.node.label} to channel.open within {timeout:g} s",
                     kind="health_check",
@@ -202,7 +208,10 @@ class Pool:
         )
         self._check_capacity(key)
         assert client.credentials is not None
-        upstream = self._dial(client.credentials, key[2], deadline)
+        # With --upstream-failure recover a connected client's channel waits out an outage (up to
+        # the deadline) rather than fail its whole connection at once, breakers all open or not.
+        patient = self.config.upstream_failure == "recover"
+        upstream = self._dial(client.credentials, key[2], deadline, patient)
         self.upstreams.setdefault(key, []).append(upstream)
 
     def _choose(self, key: PoolKey, client: ClientSession, role: str) -> Upstream | None:
@@ -240,7 +249,9 @@ class Pool:
 
     # ------------------------------------------------------------------ dialling
 
-    def _dial(self, credentials: Credentials, vhost: str | None, deadline: float | None) -> Upstream:
+    def _dial(
+        self, credentials: Credentials, vhost: str | None, deadline: float | None, patient: bool = False
+    ) -> Upstream:
         """Connect to the first node that answers, retrying with backoff until `deadline`.
 
         A broker refusal (403, unknown vhost) is final. With every breaker open, fail at once
@@ -253,7 +264,7 @@ class Pool:
             candidates = self.nodes.candidates()
             # Fail fast only for a *new* request: one already waiting out an outage keeps waiting
             # (a breaker that opens meanwhile half-opens later and lets its probe through).
-            fail_fast = first and self.config.breaker_all_open == "fail-fast"
+            fail_fast = first and not patient and self.config.breaker_all_open == "fail-fast"
             first = False
             if not candidates and fail_fast and self.nodes.all_open():
                 raise UpstreamError(

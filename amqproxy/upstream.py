@@ -36,6 +36,7 @@ from .protocol.frames import (
     method_frame,
 )
 from .protocol.handshake import Credentials, negotiate, start_ok_payload, tune_ok_payload
+from .recovery import BASIC_QOS_OK, REPLY_METHODS, delivery_tag_position, shift_tag
 
 if TYPE_CHECKING:
     from .client import ClientSession
@@ -46,20 +47,24 @@ log = logging.getLogger("amqproxy.upstream")
 
 _METHOD_ID = struct.Struct(">HH")
 _RECV_SIZE = 256 * 1024
+# Broker methods the reader interprets: channel state, exclusive queues, consumer tags, the
+# replies to synchronous requests (recorded for recovery, control plane only) and, on confirm
+# channels, publisher confirms.
 _WATCHED = frozenset(
     {
         c.CHANNEL_OPEN_OK,
         c.CHANNEL_CLOSE,
         c.CHANNEL_CLOSE_OK,
-        c.QUEUE_DECLARE_OK,
-        c.QUEUE_DELETE_OK,
-        c.BASIC_CONSUME_OK,
-        c.BASIC_CANCEL_OK,
         c.BASIC_CANCEL,
-        (90, 21),  # tx.commit-ok
+        c.BASIC_ACK,
+        c.BASIC_NACK,
     }
+    | REPLY_METHODS
 )
 _TX_COMMIT_OK = (90, 21)
+_CONFIRMS = frozenset({c.BASIC_ACK, c.BASIC_NACK})
+_U64_BIT = struct.Struct(">QB")
+_U64 = struct.Struct(">Q")
 _DELIVERIES = frozenset({c.BASIC_DELIVER, c.BASIC_GET_OK})
 
 
@@ -346,6 +351,7 @@ class Upstream:
         pack_header = FRAME_HEADER_STRUCT.pack
         frame_header = FRAME_HEADER_STRUCT.unpack_from
         unpack_method = _METHOD_ID.unpack_from
+        unpack_body_size = _U64.unpack_from
         valid_types = VALID_FRAME_TYPES
         max_frame = self.frame_max
         frame_counts = FRAMES[UPSTREAM_TO_CLIENT]
@@ -390,15 +396,45 @@ class Upstream:
                             continue
                         if frame_type == c.FRAME_METHOD:
                             method = unpack_method(buf, start)
+                            rewritten: bytes | bool = True
                             if method in _WATCHED:
-                                if not self._on_watched(link, method, view[start:end]):
+                                rewritten = self._on_watched(link, method, view[start:end])
+                                if not rewritten:
                                     continue
                             elif link.closing and link.c_close_sent:
                                 continue
                             elif method in _DELIVERIES and link.client is not None:
                                 link.client.messages_out += 1
-                        elif link.closing and link.c_close_sent:
-                            continue
+                                link.delivered += 1
+                                if link.tag_offset:  # only on a channel that went through a recovery
+                                    rewritten = shift_tag(
+                                        buf, start, end, delivery_tag_position(method, buf, start), link.tag_offset
+                                    )
+                            if rewritten is not True:
+                                # A delivery tag or confirm number renumbered after a recovery.
+                                client = link.client
+                                if client is None or client.closing:
+                                    continue
+                                if run_client is not None:
+                                    out = batches.get(run_client)
+                                    if out is None:
+                                        out = batches[run_client] = bytearray()
+                                    out += view[run_start:run_end]
+                                    run_client = None
+                                out = batches.get(client)
+                                if out is None:
+                                    out = batches[client] = bytearray()
+                                out += method_frame(link.client_channel, rewritten)  # type: ignore[arg-type]
+                                continue
+                        else:
+                            # Content body bytes still due to the client on this channel: a loss
+                            # that cuts a delivery in the middle cannot be recovered on it.
+                            if frame_type == c.FRAME_HEADER:
+                                link.body_due = unpack_body_size(buf, start + 4)[0]
+                            else:
+                                link.body_due -= size
+                            if link.closing and link.c_close_sent:
+                                continue
                         client = link.client
                         if client is None or client.closing:
                             continue
@@ -472,17 +508,22 @@ class Upstream:
         elif method == c.CONNECTION_UNBLOCKED:
             self._unblock_all()
 
-    def _on_watched(self, link: Link, method: tuple[int, int], payload: memoryview) -> bool:
-        """Update channel state from a broker reply; return whether to forward it to the client."""
+    def _on_watched(self, link: Link, method: tuple[int, int], payload: memoryview) -> bool | bytes:
+        """Update channel state from a broker reply; return whether to forward it to the client,
+        or the payload to forward instead (renumbered after a recovery)."""
         client = link.client
+        if link.replay is not None:
+            return self._on_replay(link, method, payload)
+        if method in _CONFIRMS:
+            return self._on_confirm(link, payload)
         if method == c.CHANNEL_CLOSE_OK:
             link.u_close_ok_received = True
-            forward = False
+            answer = False
             if client is not None and link.c_close_received and not link.c_close_ok_sent:
                 link.c_close_ok_sent = True
-                forward = True
+                answer = True
             self._settle(link)
-            return forward
+            return answer
         if method == c.CHANNEL_CLOSE:
             link.begin_close()
             link.u_close_received = True
@@ -491,6 +532,7 @@ class Upstream:
                 if reserved is not None and client is not None:
                     self.pool.exclusive.remove_if_owner(self.vhost or "", reserved, client)
             link.pending_declares.clear()
+            link.record.pending.clear()
             if client is None or link.c_close_sent or link.c_close_received or client.closing:
                 # Nobody to tell (client gone, or the proxy is closing the client side already).
                 link.u_close_ok_sent = True
@@ -499,25 +541,28 @@ class Upstream:
                 return False
             link.c_close_sent = True
             return True
+        name = ""
+        forward: bool | bytes = True
         if method == c.QUEUE_DECLARE_OK:
+            _, args = decode_method(payload)
+            name = args["queue"]
             if link.pending_declares and link.pending_declares.popleft()[0]:
-                _, args = decode_method(payload)
                 if client is not None and not client.closing:
-                    self.pool.exclusive.add(self.vhost or "", args["queue"], client, self)
+                    self.pool.exclusive.add(self.vhost or "", name, client, self)
                 else:
                     # Its client is gone or leaving: the queue must not outlive it on this
                     # shared connection.
-                    self.delete_queues([args["queue"]])
-            return not link.c_close_sent
-        if method == c.QUEUE_DELETE_OK:
+                    self.delete_queues([name])
+            forward = not link.c_close_sent
+        elif method == c.QUEUE_DELETE_OK:
             if link.pending_deletes:
                 self.pool.exclusive.remove(self.vhost or "", link.pending_deletes.popleft())
-            return not link.c_close_sent
-        if link.closing and link.c_close_sent:
+            forward = not link.c_close_sent
+        elif link.closing and link.c_close_sent:
             # The client was sent a Close (by the broker or the proxy): only Close-Ok matters now.
             # After the client's own Close, replies still in flight (commit-ok...) go through.
             return False
-        if method == c.CHANNEL_OPEN_OK:
+        elif method == c.CHANNEL_OPEN_OK:
             # The proxy answered the client's channel.open itself (placement is deferred to the
             # channel's first method), so this reply is the proxy's own.
             if link.waiter is not None:
@@ -525,18 +570,67 @@ class Upstream:
             return False
         elif method == c.BASIC_CONSUME_OK:
             _, args = decode_method(payload)
-            link.consumer_tags.add(args["consumer_tag"])
+            name = args["consumer_tag"]
+            link.consumer_tags.add(name)
         elif method == c.BASIC_CANCEL_OK:
             _, args = decode_method(payload)
             link.consumer_tags.discard(args["consumer_tag"])
         elif method == c.BASIC_CANCEL:
             _, args = decode_method(payload)
             link.consumer_tags.discard(args["consumer_tag"])
+            link.record.cancelled(args["consumer_tag"])
             # Consumer cancel notify goes only to clients that advertised it (as RabbitMQ does).
             return client is not None and "consumer_cancel_notify" in client.capabilities
         elif method == _TX_COMMIT_OK:
             link.commit_pending = False
-        return True
+        elif method == BASIC_QOS_OK and link.swallow_qos_ok:
+            link.swallow_qos_ok -= 1  # the answer to a basic.qos replayed by a recovery
+            return False
+        elif method == c.BASIC_GET_OK and client is not None:
+            client.messages_out += 1
+            link.delivered += 1
+            if link.tag_offset:
+                position = delivery_tag_position(method, payload, 0)
+                forward = shift_tag(payload, 0, len(payload), position, link.tag_offset)
+        link.record.reply(method, name, client.topology if client is not None else None)
+        return forward
+
+    def _on_confirm(self, link: Link, payload: memoryview) -> bool | bytes:
+        """basic.ack/nack from the broker (publisher confirms): bookkeeping only once the channel
+        went through a recovery (then renumbered into the client's sequence)."""
+        if link.closing and link.c_close_sent:
+            return False
+        tracker = link.confirms
+        if tracker is None:
+            return True
+        tag, bits = _U64_BIT.unpack_from(payload, 4)
+        offset = link.confirm_offset
+        tracker.confirmed(tag + offset, bool(bits & 1))
+        if not offset:
+            return True
+        return shift_tag(payload, 0, len(payload), 4, offset)
+
+    def _on_replay(self, link: Link, method: tuple[int, int], payload: memoryview) -> bool:
+        """A recovery's stand-in link: nothing reaches the client; count the replay's qos-oks."""
+        replay = link.replay
+        assert replay is not None
+        if method == c.CHANNEL_CLOSE:
+            _, args = decode_method(payload)
+            replay.error = f"{args['reply_code']} {args['reply_text']}"
+            link.begin_close()
+            link.u_close_received = link.u_close_ok_sent = True
+            self.send_method(link.upstream_channel, c.CHANNEL_CLOSE_OK)
+            self.release(link)
+            if link.waiter is not None:
+                link.waiter.set(False)
+        elif method == c.CHANNEL_CLOSE_OK:
+            link.u_close_ok_received = True
+            self._settle(link)
+        elif method == BASIC_QOS_OK:
+            replay.remaining -= 1
+            if replay.remaining <= 0 and link.waiter is not None:
+                link.waiter.set(True)
+        return False
 
     def _settle(self, link: Link) -> None:
         if link.upstream_side_done():
@@ -589,7 +683,8 @@ class Upstream:
         gevent.spawn_later(grace, self._finish)
 
     def fail(self, cause: str, close_socket: bool = True, kind: str = "lost") -> None:
-        """The connection is gone: every client with a channel on it is closed with 320 and the cause.
+        """The connection is gone. Every client with a channel on it is told, with its channels
+        here: it recovers them (`--upstream-failure recover`) or is closed with 320 and the cause.
         `kind` is the metric reason: lost, broker_closed, heartbeat_timeout or health_check."""
         if self.state == "closed":
             return
@@ -602,7 +697,11 @@ class Upstream:
         self.state = "closed"
         self.close_cause = cause
         # Clients with channels here, and clients whose exclusive queues died with it.
-        clients = self.clients() | self.pool.exclusive.owners_on(self)
+        lost: dict[ClientSession, list[Link]] = {client: [] for client in self.pool.exclusive.owners_on(self)}
+        for link in self.links.values():
+            if link.client is not None:
+                lost.setdefault(link.client, []).append(link)
+        clients = set(lost)
         self._unblock_all()
         for link in self.links.values():
             if link.waiter is not None:
@@ -621,8 +720,8 @@ class Upstream:
                 },
             )
         self.pool.exclusive.forget_upstream(self)
-        for client in clients:
-            client.upstream_lost(self, cause)
+        for client, links in lost.items():
+            client.upstream_lost(self, cause, links)
         if close_socket:
             self._finish()
 

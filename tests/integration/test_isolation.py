@@ -31,9 +31,10 @@ def _roundtrip(conn, queue: str, count: int = 20) -> None:
 
 @pytest.mark.proxy_only
 def test_lost_upstream_closes_only_its_clients_with_320(proxy_factory, broker, temp_vhost, names):
-    """rabbitmqctl close_connection on one pooled upstream: its client gets 320 naming the cause,
-    a client on another upstream (other vhost) carries on, and a new client gets a new upstream."""
-    proc = proxy_factory()
+    """rabbitmqctl close_connection on one pooled upstream (--upstream-failure close): its client
+    gets 320 naming the cause, a client on another upstream (other vhost) carries on, and a new
+    client gets a new upstream."""
+    proc = proxy_factory("--upstream-failure", "close")
     target = proc.target()
     victim = target.pika()
     bystander = target.pika(virtual_host=temp_vhost)

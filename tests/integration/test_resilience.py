@@ -169,7 +169,8 @@ def test_breaker_trips_fails_fast_and_recovers(proxy_factory, own_broker):
 
 def test_hung_upstream_is_evicted_by_the_health_check(proxy_factory, own_broker):
     """A pooled connection silent for longer than --upstream-check-interval must answer a round
-    trip before it takes a channel; a hung node (SIGSTOP) fails it and its clients get 320."""
+    trip before it takes a channel; a hung node (SIGSTOP) fails it and its clients get 320
+    (--upstream-failure close)."""
     proc = proxy_factory(
         "--upstream",
         own_broker.upstream_url,
@@ -179,6 +180,8 @@ def test_hung_upstream_is_evicted_by_the_health_check(proxy_factory, own_broker)
         "60",
         "--connect-timeout",
         "2",
+        "--upstream-failure",
+        "close",
     )
     victim = connect(proc)
     victim_ch = victim.channel()

@@ -1,7 +1,8 @@
 """Faults of the broker node under the proxy, on a RabbitMQ node of the module's own
 (`own_broker`; the shared broker is never stopped, killed or paused).
 
-An upstream connection that dies must close the clients with channels on it with
+With `--upstream-failure close` (the recovery mode has tests of its own, test_recovery.py), an
+upstream connection that dies must close the clients with channels on it with
 320 CONNECTION_FORCED and a text naming the cause, within a few seconds -- never leave them
 hanging -- and once the node is back, new clients through the same proxy must work (the proxy
 dials a new upstream connection). While the node is down, a client connecting through the
@@ -258,7 +259,7 @@ def test_stop_app_closes_clients_with_320_then_new_clients_work(own_broker, prox
     connection closure with reason 'shutdown'"; each proxied client with a channel in use gets
     320 naming that, like a direct client; after start_app a new client through the same proxy
     works (over a newly dialled upstream connection)."""
-    proc = proxy_factory("--upstream", own_broker.upstream_url)
+    proc = proxy_factory("--upstream", own_broker.upstream_url, "--upstream-failure", "close")
     watched.proxied(proc.target())
     watched.pika("direct", own_broker.target())
 
@@ -280,7 +281,9 @@ def test_kill9_closes_clients_with_320_and_refuses_new_ones_until_restart(own_br
     """kill -9 of the node: a direct client just loses its socket; each proxied client with a
     channel in use gets 320 naming the lost upstream, within the bound. While the node is dead a
     new client is refused with 320 within --connect-timeout; after the restart new clients work."""
-    proc = proxy_factory("--upstream", own_broker.upstream_url, "--connect-timeout", str(CONNECT_TIMEOUT))
+    proc = proxy_factory(
+        "--upstream", own_broker.upstream_url, "--connect-timeout", str(CONNECT_TIMEOUT), "--upstream-failure", "close"
+    )
     watched.proxied(proc.target())
     watched.pika("direct", own_broker.target())
 
@@ -302,7 +305,9 @@ def test_hung_node_is_detected_by_missed_upstream_heartbeats(own_broker, proxy_f
     """SIGSTOP of the node (its sockets stay open, nothing answers): with --upstream-heartbeat 2
     the proxy gives up on the upstream after 2 x 2 s without a frame and closes each client with
     a channel on it with 320 "missed heartbeats" (< 10 s); after SIGCONT new clients work."""
-    proc = proxy_factory("--upstream", own_broker.upstream_url, "--upstream-heartbeat", "2")
+    proc = proxy_factory(
+        "--upstream", own_broker.upstream_url, "--upstream-heartbeat", "2", "--upstream-failure", "close"
+    )
     watched.proxied(proc.target())
     try:
         started = time.monotonic()
