@@ -168,7 +168,12 @@ class ChaosRun:
         publishers: int = 2,
         consumers: int = 2,
         consumer_delay: float = 0.0,
+        upstream_failure: str = "close",
+        reconnect: bool = True,
     ) -> None:
+        """`upstream_failure`: the proxy's --upstream-failure mode (close: clients get 320 and
+        reconnect; recover: the proxy recovers their channels). `reconnect` False: the workload
+        clients have no recovery of their own, so any error ends them."""
         self.result = ScenarioResult(scenario, faults=[])
         results.append(self.result)
         self.toxi = toxi
@@ -176,11 +181,11 @@ class ChaosRun:
         slug = re.sub(r"\W+", "-", scenario).strip("-")[:40]
         self.routes = [toxi.route(f"chaos-{slug}-node{i}", f"{broker.host}:{broker.port}") for i in range(nodes)]
         upstreams = [a for r in self.routes for a in ("--upstream", f"amqp://{r.listen}")]
-        self.proxy = proxy_factory(*PROXY_ARGS, *upstreams, *proxy_args)
+        self.proxy = proxy_factory(*PROXY_ARGS, "--upstream-failure", upstream_failure, *upstreams, *proxy_args)
         self.probe = ProxyProbe(self.proxy)
         self.queue = f"chaos-{slug}-{uuid.uuid4().hex[:8]}"
         self.endpoint = Endpoint(self.proxy.host, self.proxy.port, self.queue)
-        self.workload = Workload(self.endpoint, publishers, consumers, consumer_delay)
+        self.workload = Workload(self.endpoint, publishers, consumers, consumer_delay, reconnect)
         self.ledger: Ledger = self.workload.ledger
         self.finished = self.closed = False
         self.fault_at: float | None = None
@@ -229,10 +234,16 @@ class ChaosRun:
         self.violation("a new client got through during the outage")
         return ("none", None, "")
 
-    def finish(self, client_errors: bool | None = True, stall_bound: float | None = STALL_BOUND) -> None:
+    def finish(
+        self,
+        client_errors: bool | None = True,
+        stall_bound: float | None = STALL_BOUND,
+        tolerated: tuple[str, ...] = (),
+    ) -> None:
         """Check every invariant; `client_errors` True: the fault must have reached the clients,
-        False: none may have seen an error, None: either. `stall_bound` None: blocking calls may
-        last (a memory alarm blocks publishers by design)."""
+        False: none may have seen an error (but those of a `tolerated` kind, e.g. "nack"), None:
+        either. `stall_bound` None: blocking calls may last (a memory alarm blocks publishers
+        by design)."""
         result, ledger = self.result, self.ledger
         assert self.fault_at is not None and self.cleared_at is not None, "no fault() window"
         self.finished = True
@@ -249,7 +260,8 @@ class ChaosRun:
         if client_errors is True:
             self.expect(bool(errors), "the fault never reached a client (no error seen)")
         elif client_errors is False:
-            self.expect(not errors, f"clients saw errors: {errors[:3]}")
+            untolerated = [e for e in errors if e.kind not in tolerated]
+            self.expect(not untolerated, f"clients saw errors: {untolerated[:3]}")
         for e in errors:  # the proxy ends clients with 320 or a TCP close, never another code
             self.expect(e.kind != "close" or e.code == 320, f"unexpected client error {e}")
         result.longest_stall = max(ledger.longest_stall[0], self._longest_seen[0])

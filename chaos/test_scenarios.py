@@ -16,6 +16,10 @@ import pytest
 from chaos.harness import CONNECT_TIMEOUT, MARGIN, UPSTREAM_HEARTBEAT, confirmed_roundtrip
 from chaos.workload import Endpoint
 
+# Recover mode: a client's publish waits while its channel is re-established (node restart,
+# then the proxy's backoff); the recovery timeout (30 s) is the proxy's own bound on it.
+RECOVERY_STALL_BOUND = 30 + MARGIN
+
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(240)]
 
 
@@ -255,6 +259,27 @@ def test_broker_kill9_and_restart(chaos, own_broker):
         run.expect((kind, code) == ("close", 320), f"new client while the node is dead saw {kind} {code} {text!r}")
         own_broker.restart()
     run.finish(client_errors=True)
+
+
+@pytest.mark.parametrize("fault", ["kill -9 and restart", "stop_app/start_app"])
+def test_broker_restart_is_invisible_to_clients_without_recovery(chaos, own_broker, fault):
+    """--upstream-failure recover (#10): publishers with confirms and consumers with manual acks
+    that have NO reconnect logic ride through a broker restart. No client may see an error; every
+    confirmed message is consumed (redeliveries allowed); publishes in flight at the loss are
+    nacked by the proxy and published again by the client."""
+    run = chaos(f"broker {fault}, recover mode, clients without recovery", upstream_failure="recover", reconnect=False)
+    with run.fault(fault):
+        if fault == "kill -9 and restart":
+            own_broker.kill9()
+            own_broker.restart()
+        else:
+            own_broker.stop_app()
+            time.sleep(4)
+            own_broker.start_app()
+    # The only thing a client may see is basic.nack for publishes in flight at the loss (it
+    # publishes them again); no connection or channel error. A publish waits for its channel's
+    # recovery: the restart, not a hang, bounds it.
+    run.finish(client_errors=False, stall_bound=RECOVERY_STALL_BOUND, tolerated=("nack",))
 
 
 def test_hung_broker_is_detected_by_heartbeats(chaos, own_broker):

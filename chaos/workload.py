@@ -149,6 +149,7 @@ class Client(threading.Thread):
         self.endpoint = endpoint
         self.ledger = ledger
         self.stop = threading.Event()
+        self.reconnect = True  # False: a client with no recovery of its own; an error ends it
 
     def connect(self) -> pika.BlockingConnection:
         self.ledger.enter(self.name_, "connect")
@@ -171,6 +172,8 @@ class Client(threading.Thread):
                 self.session(conn)
             except (pika.exceptions.AMQPError, OSError) as e:
                 self.ledger.error(self.name_, "session", e)
+                if not self.reconnect:
+                    return
                 self.stop.wait(RECONNECT_DELAY)
             finally:
                 if conn is not None and conn.is_open:
@@ -244,11 +247,20 @@ class Consumer(Client):
 class Workload:
     """Publishers and consumers started and stopped together."""
 
-    def __init__(self, endpoint: Endpoint, publishers: int = 2, consumers: int = 2, consumer_delay: float = 0.0):
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        publishers: int = 2,
+        consumers: int = 2,
+        consumer_delay: float = 0.0,
+        reconnect: bool = True,
+    ):
         self.ledger = Ledger()
         self.clients: list[Client] = [Publisher(f"chaos-pub-{i}", endpoint, self.ledger) for i in range(publishers)] + [
             Consumer(f"chaos-con-{i}", endpoint, self.ledger, delay=consumer_delay) for i in range(consumers)
         ]
+        for client in self.clients:
+            client.reconnect = reconnect
 
     def start(self) -> None:
         for client in self.clients:
