@@ -112,15 +112,9 @@ class AdminServer:
             return _json(start_response, exc.status, {"error": exc.message}, exc.headers)
 
     def _check_token(self, environ: dict[str, Any]) -> None:
-        token = self.proxy.config.admin_token
-        if not token:
-            return
-        header = environ.get("HTTP_AUTHORIZATION", "")
-        if not header.startswith("Bearer "):
-            raise HTTPError("401 Unauthorized", "this endpoint needs Authorization: Bearer <admin token>",
-                            [("WWW-Authenticate", "Bearer")])  # fmt: skip
-        if not hmac.compare_digest(header[7:].strip().encode(), token.encode()):
-            raise HTTPError("403 Forbidden", "wrong admin token")
+        refusal = token_refusal(environ, self.proxy.config.admin_token)
+        if refusal is not None:
+            raise refusal
 
     # ------------------------------------------------------------------ health
 
@@ -388,6 +382,20 @@ def _sample_stacks(seconds: float) -> dict[str, Any]:
         "self": [{"function": f, "share": round(n / samples, 4)} for f, n in own.most_common(40)],
         "inclusive": [{"function": f, "share": round(n / samples, 4)} for f, n in inclusive.most_common(40)],
     }
+
+
+def token_refusal(environ: dict[str, Any], token: str | None) -> HTTPError | None:
+    """Why a request may not use a token-protected endpoint, or None when it may (also used by
+    the --workers supervisor, which answers some of those endpoints itself)."""
+    if not token:
+        return None
+    header = environ.get("HTTP_AUTHORIZATION", "")
+    if not header.startswith("Bearer "):
+        return HTTPError("401 Unauthorized", "this endpoint needs Authorization: Bearer <admin token>",
+                         [("WWW-Authenticate", "Bearer")])  # fmt: skip
+    if not hmac.compare_digest(header[7:].strip().encode(), token.encode()):
+        return HTTPError("403 Forbidden", "wrong admin token")
+    return None
 
 
 def _unix_listener(path: str) -> socket.socket:

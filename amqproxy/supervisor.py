@@ -18,7 +18,6 @@ sees as "the proxy":
 from __future__ import annotations
 
 import ctypes
-import hmac
 import http.client
 import json
 import logging
@@ -112,8 +111,10 @@ class Supervisor:
         # workers (which inherit the variable) lives in files there, summed at scrape time.
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
         from . import metrics
+        from .admin import token_refusal
 
         self.metrics = metrics
+        self._token_refusal = token_refusal
         self.metrics_dir = metrics_dir
         self.workers = [WorkerProcess(i, self.run_dir) for i in range(config.workers)]
         self.stopping = False
@@ -290,11 +291,11 @@ class Supervisor:
             draining = {"ready": False, "reasons": ["draining: the proxy is shutting down"]}
             return _respond(start_response, 503, json.dumps(draining).encode(), "application/json")
         if path == "/reload" and method == "POST":
-            refusal = _token_refusal(environ, self.config.admin_token)
+            refusal = self._token_refusal(environ, self.config.admin_token)
             if refusal is not None:
-                return _respond(
-                    start_response, refusal[0], json.dumps({"error": refusal[1]}).encode(), "application/json"
-                )
+                error = json.dumps({"error": refusal.message}).encode()
+                status = int(refusal.status.split()[0])
+                return _respond(start_response, status, error, "application/json", refusal.headers)
             result = self.reload("admin API")
             status = 400 if result["result"] == "rejected" else 200
             return _respond(start_response, status, json.dumps(result).encode(), "application/json")
@@ -395,20 +396,18 @@ def _keep_restart_only(old: Config, new: Config) -> Config:
     return new
 
 
-def _token_refusal(environ: dict[str, Any], token: str | None) -> tuple[int, str] | None:
-    if not token:
-        return None
-    header = environ.get("HTTP_AUTHORIZATION", "")
-    if not header.startswith("Bearer "):
-        return 401, "this endpoint needs Authorization: Bearer <admin token>"
-    if not hmac.compare_digest(header[7:].strip().encode(), token.encode()):
-        return 403, "wrong admin token"
-    return None
-
-
-def _respond(start_response: StartResponse, status: int, body: bytes, content_type: str) -> Iterable[bytes]:
+def _respond(
+    start_response: StartResponse,
+    status: int,
+    body: bytes,
+    content_type: str,
+    headers: list[tuple[str, str]] | None = None,
+) -> Iterable[bytes]:
     reason = http.client.responses.get(status, "")
-    start_response(f"{status} {reason}", [("Content-Type", content_type), ("Content-Length", str(len(body)))])
+    start_response(
+        f"{status} {reason}",
+        [("Content-Type", content_type), ("Content-Length", str(len(body)))] + (headers or []),
+    )
     return [body]
 
 

@@ -21,7 +21,7 @@ import amqp
 import pika
 import pika.exceptions
 import pytest
-from conftest import OwnBroker, OwnBrokerError, _rabbitmq_sbin, free_port
+from conftest import free_port
 from cryptography import x509
 from tlspki import PKI
 
@@ -327,34 +327,20 @@ upstream_password_file = "{guest_pw}"
 
 
 @pytest.fixture(scope="module")
-def tls_broker(tmp_path_factory, pki):
+def tls_broker(own_broker_factory, pki):
     """A RabbitMQ node of this module's own whose TLS listener requires client certificates."""
-    sbin = _rabbitmq_sbin()
-    if sbin is None:
-        pytest.skip("rabbitmq-server / rabbitmqctl not found")
-    node = OwnBroker(tmp_path_factory.mktemp("tls-broker"), sbin)
-    node.tls_port = free_port()
+    tls_port = free_port()
     cert = pki.server(filename="broker")
-    with open(node._conf, "a") as conf:
-        conf.write(
-            f"listeners.ssl.default = 127.0.0.1:{node.tls_port}\n"
-            f"ssl_options.cacertfile = {pki.ca}\n"
-            f"ssl_options.certfile = {cert.cert}\n"
-            f"ssl_options.keyfile = {cert.key}\n"
-            "ssl_options.verify = verify_peer\n"
-            "ssl_options.fail_if_no_peer_cert = true\n"
-        )
-    try:
-        node.start()
-    except OwnBrokerError as e:
-        node.pid = node.pid or node._read_pid_file()
-        node.stop()
-        pytest.fail(f"cannot start a TLS RabbitMQ node: {e}", pytrace=False)
-    try:
-        yield node
-    finally:
-        node.stop()
-        node.remove_data()
+    node = own_broker_factory(
+        f"listeners.ssl.default = 127.0.0.1:{tls_port}\n"
+        f"ssl_options.cacertfile = {pki.ca}\n"
+        f"ssl_options.certfile = {cert.cert}\n"
+        f"ssl_options.keyfile = {cert.key}\n"
+        "ssl_options.verify = verify_peer\n"
+        "ssl_options.fail_if_no_peer_cert = true\n"
+    )
+    node.tls_port = tls_port
+    return node
 
 
 def egress_args(pki, client, *extra):
