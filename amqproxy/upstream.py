@@ -25,7 +25,8 @@ from .outbox import Outbox
 from .protocol import constants as c
 from .protocol import proxyproto
 from .protocol.codec import DecodeError, decode_method, encode_method
-from .protocol.constants import FRAME_END, REPLY_NAMES
+from .protocol.constants import FRAME_BODY, FRAME_END, FRAME_HEADER, FRAME_METHOD, REPLY_NAMES
+from .protocol.content import DELIVER, Run, message_run, rechannel
 from .protocol.errors import ProtocolError
 from .protocol.frames import (
     FRAME_HEADER_STRUCT,
@@ -356,6 +357,7 @@ class Upstream:
         max_frame = self.frame_max
         frame_counts = FRAMES[UPSTREAM_TO_CLIENT]
         byte_counts = BYTES[UPSTREAM_TO_CLIENT]
+        run = Run()
         try:
             while True:
                 data = sock.recv(_RECV_SIZE)
@@ -383,6 +385,51 @@ class Upstream:
                         if buf[end] != FRAME_END:
                             reader.pos = pos
                             reader.next_frame()
+                        if frame_type == FRAME_METHOD and (link := links.get(channel)) is not None:
+                            # Fast path: whole deliveries to a client in its plain state are
+                            # copied a run at a time (see protocol/content.py).
+                            client = link.client
+                            if (
+                                client is not None
+                                and not client.closing
+                                and not link.closing
+                                and not link.tag_offset
+                                and message_run(buf, pos, available, channel, DELIVER, max_frame, client.max_body, run)
+                            ):
+                                messages = run.messages
+                                frame_counts[FRAME_METHOD] += messages
+                                frame_counts[FRAME_HEADER] += messages
+                                frame_counts[FRAME_BODY] += run.bodies
+                                byte_counts[FRAME_METHOD] += run.method_bytes
+                                byte_counts[FRAME_HEADER] += run.header_bytes
+                                byte_counts[FRAME_BODY] += run.end - pos - run.method_bytes - run.header_bytes
+                                client.messages_out += messages
+                                link.delivered += messages
+                                if link.client_channel == channel:
+                                    if client is run_client and pos == run_end:
+                                        run_end = run.end
+                                    else:
+                                        if run_client is not None:
+                                            out = batches.get(run_client)
+                                            if out is None:
+                                                out = batches[run_client] = bytearray()
+                                            out += view[run_start:run_end]
+                                        run_client, run_start, run_end = client, pos, run.end
+                                else:
+                                    if run_client is not None:
+                                        out = batches.get(run_client)
+                                        if out is None:
+                                            out = batches[run_client] = bytearray()
+                                        out += view[run_start:run_end]
+                                        run_client = None
+                                    out = batches.get(client)
+                                    if out is None:
+                                        out = batches[client] = bytearray()
+                                    mark = len(out)
+                                    out += view[pos : run.end]
+                                    rechannel(out, mark, link.client_channel)
+                                pos = run.end
+                                continue
                         frame_start = pos
                         start = pos + 7
                         pos = end + 1

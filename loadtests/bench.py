@@ -957,8 +957,11 @@ def free_port() -> int:
 class Proxy:
     """The amqproxy subprocess under test."""
 
-    def __init__(self, upstream: str, extra_args: list[str], log_path: Path, name: str = "proxy"):
+    def __init__(
+        self, upstream: str, extra_args: list[str], log_path: Path, name: str = "proxy", root: Path = REPO_ROOT
+    ):
         self.name = name
+        self.root = root  # the checkout whose amqproxy runs (--tree: another commit, same run)
         self.upstream = upstream
         self.extra_args = extra_args
         self.log_path = log_path
@@ -977,11 +980,11 @@ class Proxy:
             *self.extra_args,
         ]  # fmt: skip
         env = {k: v for k, v in os.environ.items() if not k.startswith("AMQPROXY_")}
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(self.root), env.get("PYTHONPATH")]))
         with open(self.log_path, "ab") as log:
             log.write(("# " + " ".join(cmd) + "\n").encode())
             self.proc = subprocess.Popen(
-                cmd, cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+                cmd, cwd=self.root, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
             )
         self.starts += 1
         deadline = time.monotonic() + timeout
@@ -1103,6 +1106,7 @@ def run_throughput_1p1c(target: Target, q: str, s: Settings) -> dict:
         "consumed_per_s": r["consumer"]["consumed_per_s"],
         "published_per_s": r["publisher"]["published_per_s"],
         "_loadgen_cpu_s": r["consumer"]["cpu_s"] + r["publisher"]["cpu_s"],
+        "_messages_total": r["publisher"]["published_total"] + r["consumer"]["consumed_total"],
     }
 
 
@@ -1114,6 +1118,7 @@ def run_throughput_confirms(target: Target, q: str, s: Settings) -> dict:
         "confirmed_per_s": pub["confirmed_per_s"],
         "consumed_per_s": r["consumer"]["consumed_per_s"],
         "_loadgen_cpu_s": r["consumer"]["cpu_s"] + pub["cpu_s"],
+        "_messages_total": pub["published_total"] + r["consumer"]["consumed_total"],
     }
 
 
@@ -1167,6 +1172,7 @@ def run_throughput_2p2c_confirms(target: Target, q: str, s: Settings) -> dict:
         "published_per_s": sum(x["confirmed_per_s"] for x in pubs),
         "consumed_per_s": sum(x["consumed_per_s"] for x in cons),
         "_loadgen_cpu_s": sum(x["cpu_s"] for x in r.values()),
+        "_messages_total": sum(x["published_total"] for x in pubs) + sum(x["consumed_total"] for x in cons),
     }
 
 
@@ -1360,6 +1366,7 @@ def run_one(wl: Workload, target: Target, rnd: int, s: Settings, admin: Admin, p
         admin.declare(q, wl.queue_args)
         metrics = wl.run(target, q, s)
         rec["loadgen_cpu_s"] = metrics.pop("_loadgen_cpu_s", None)
+        rec["messages_total"] = metrics.pop("_messages_total", None)
         expected_in_queue = metrics.pop("_expected_in_queue", None)
         rec["checks_failed"] = metrics.pop("_checks", [])
         rec["metrics"] = metrics
@@ -1373,6 +1380,9 @@ def run_one(wl: Workload, target: Target, rnd: int, s: Settings, admin: Admin, p
     if proxy is not None:
         p1 = proxy.cpu_seconds()
         rec["proxy_cpu_s"] = None if p1 is None or proxy_cpu0 is None else p1 - proxy_cpu0
+        if rec["proxy_cpu_s"] is not None and rec.get("messages_total"):
+            # both legs: a message published through the proxy and consumed through it counts twice
+            rec["proxy_us_per_msg"] = rec["proxy_cpu_s"] * 1e6 / rec["messages_total"]
         if not proxy.alive:
             rec["ok"] = False
             rec["error"] = (rec["error"] or "") + f"\namqproxy died (exit {proxy.proc.returncode}):\n{proxy.log_tail()}"
@@ -1436,6 +1446,7 @@ def summarize(runs: list[dict], workloads: list[Workload]) -> list[dict]:
                 cpu[f"{col}_broker_cpu_s"] = median_of(rs, lambda r: r.get("broker_cpu_s"))
             cpu["proxy_cpu_s"] = median_of(by_target[proxy_name], lambda r: r.get("proxy_cpu_s"))
             cpu["proxy_wall_s"] = median_of(by_target[proxy_name], lambda r: r.get("wall_s"))
+            cpu["proxy_us_per_msg"] = median_of(by_target[proxy_name], lambda r: r.get("proxy_us_per_msg"))
             rows.append(cpu)
     return rows
 
@@ -1476,7 +1487,7 @@ def print_table(rows: list[dict], rounds: int) -> None:
     )
     head = (
         f"{'workload':<36} {'proxy':>7} {'proxy %core':>11} {'loadgen d':>10} {'loadgen p':>10}"
-        f" {'loadgen p %core':>15} {'broker d':>9} {'broker p':>9}"
+        f" {'loadgen p %core':>15} {'broker d':>9} {'broker p':>9} {'proxy us/msg':>12}"
     )
     print(head)
     print("-" * len(head))
@@ -1490,6 +1501,7 @@ def print_table(rows: list[dict], rounds: int) -> None:
             f"{r['workload']:<36} {fmt(r['proxy_cpu_s']):>7} {fmt(util, 0):>11}"
             f" {fmt(r['direct_loadgen_cpu_s']):>10} {fmt(r['proxy_loadgen_cpu_s']):>10} {fmt(lutil, 0):>15}"
             f" {fmt(r['direct_broker_cpu_s']):>9} {fmt(r['proxy_broker_cpu_s']):>9}"
+            f" {fmt(r['proxy_us_per_msg'], 1):>12}"
         )
 
 
@@ -1560,6 +1572,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         metavar="NAME=ARGS",
         help="another proxy with extra arguments, run in every workload as target proxy_NAME, e.g."
         " --variant 'ci5=--upstream-check-interval 5' (an optimisation's before/after in one run)",
+    )
+    ap.add_argument(
+        "--tree",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="another proxy run from the checkout at PATH (e.g. a `git worktree` of the commit before a change),"
+        " in every workload as target proxy_NAME: a code change's before/after in one run",
     )
     ap.add_argument(
         "--py-spy",
@@ -1633,15 +1653,20 @@ def main(argv=None) -> int:
     )
     spy = start_py_spy(proxy.proc.pid, args.py_spy) if args.py_spy else None
     proxies: dict[str, Proxy] = {"proxy": proxy}
-    variants: dict[str, tuple[list[str], tuple[str, ...] | None]] = {}  # name -> (extra args, workloads or all)
+    # name -> (extra args, workloads or None for all, checkout)
+    variants: dict[str, tuple[list[str], tuple[str, ...] | None, Path]] = {}
     if args.compare_workers:
-        variants[f"proxy_w{args.compare_workers}"] = (["--workers", str(args.compare_workers)], ("churn", "open_rate"))
+        workers = ["--workers", str(args.compare_workers)]
+        variants[f"proxy_w{args.compare_workers}"] = (workers, ("churn", "open_rate"), REPO_ROOT)
     for spec in args.variant:
         name, _, rest = spec.partition("=")
-        variants[f"proxy_{name}"] = (rest.split(), None)
-    for name, (extra, _wls) in variants.items():
+        variants[f"proxy_{name}"] = (rest.split(), None, REPO_ROOT)
+    for spec in args.tree:
+        name, _, path = spec.partition("=")
+        variants[f"proxy_{name}"] = ([], None, Path(path).resolve())
+    for name, (extra, _wls, root) in variants.items():
         log_v = log_path.with_name(log_path.stem + f"-{name}.log")
-        proxies[name] = Proxy(f"amqp://{bhost}:{bport}", [*args.proxy_arg, *extra], log_v, name=name)
+        proxies[name] = Proxy(f"amqp://{bhost}:{bport}", [*args.proxy_arg, *extra], log_v, name=name, root=root)
         try:
             proxies[name].start()
             print(f"{name}: pid {proxies[name].proc.pid} on 127.0.0.1:{proxies[name].port} (log {log_v})", flush=True)
@@ -1655,7 +1680,7 @@ def main(argv=None) -> int:
             for wl in args.workload_list:
                 target_names = list(wl.targets)
                 if "direct" in wl.targets:  # variants compare against direct; idle is proxy-only
-                    target_names += [n for n, (_a, wls) in variants.items() if wls is None or wl.name in wls]
+                    target_names += [n for n, (_a, wls, _r) in variants.items() if wls is None or wl.name in wls]
                 expected += len(target_names)
                 for target_name in target_names:
                     px = proxies.get(target_name)
@@ -1678,6 +1703,8 @@ def main(argv=None) -> int:
                     shown = ", ".join(f"{m.key}={fmt(rec['metrics'].get(m.key))}" for m in wl.metrics[:6])
                     status = "ok " if rec["ok"] else "FAIL"
                     cpu = f" proxy_cpu={fmt(rec.get('proxy_cpu_s'))}s" if px is not None else ""
+                    if px is not None and rec.get("proxy_us_per_msg") is not None:
+                        cpu += f" ({rec['proxy_us_per_msg']:.1f} us/msg)"
                     print(f"[{status}] round {rnd} {wl.name:<24} {target_name:<8} {shown}{cpu}", flush=True)
                     if not rec["ok"]:
                         print("       " + short_error(rec["error"]).replace("\n", "\n       "), flush=True)
