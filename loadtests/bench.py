@@ -1574,6 +1574,20 @@ def parse_args(argv=None) -> argparse.Namespace:
         " --variant 'ci5=--upstream-check-interval 5' (an optimisation's before/after in one run)",
     )
     ap.add_argument(
+        "--broker-cpus",
+        default=None,
+        metavar="CPUS",
+        help="pin the broker (every beam.smp thread) to these CPUs for the run, e.g. 0; its affinity is"
+        " restored at the end. With --client-cpus: the broker gets the same CPUs in the direct and the"
+        " proxy runs, and the proxy never takes CPU from it (the proxy on the clients' hosts or its own VM)",
+    )
+    ap.add_argument(
+        "--client-cpus",
+        default=None,
+        metavar="CPUS",
+        help="pin this script, its load generators and the proxies it starts to these CPUs, e.g. 1",
+    )
+    ap.add_argument(
         "--tree",
         action="append",
         default=[],
@@ -1629,6 +1643,8 @@ def main(argv=None) -> int:
         idle_procs=args.idle_procs, idle_hold=args.idle_hold,
     )  # fmt: skip
     loadavg_start = os.getloadavg()
+    if args.client_cpus:
+        os.sched_setaffinity(0, parse_cpus(args.client_cpus))  # inherited by load generators and proxies
     nofile = raise_nofile()
     need = max(args.idle_counts) + 100 if any(w.name == "idle" for w in args.workload_list) else 0
     if need > nofile:
@@ -1645,10 +1661,19 @@ def main(argv=None) -> int:
         proxy.stop()
         return 2
     broker_pid = find_broker_pid(int(bport))
+    broker_affinity: dict[int, set[int]] = {}
+    if args.broker_cpus:
+        if broker_pid is None:
+            print("cannot pin the broker: its beam.smp process was not found", file=sys.stderr)
+            proxy.stop()
+            return 2
+        broker_affinity = set_process_affinity(broker_pid, parse_cpus(args.broker_cpus))
     print(
         f"amqproxy pid {proxy.proc.pid} on 127.0.0.1:{proxy.port} (log {log_path}); broker {args.broker}"
         f" (beam pid {broker_pid}); {args.rounds} round(s), warm-up {args.warmup}s, window {args.duration}s;"
-        f" load average {loadavg_start[0]:.1f} on {os.cpu_count()} CPUs",
+        f" load average {loadavg_start[0]:.1f} on {os.cpu_count()} CPUs"
+        + (f"; broker on CPUs {args.broker_cpus}" if args.broker_cpus else "")
+        + (f"; clients and proxies on CPUs {args.client_cpus}" if args.client_cpus else ""),
         flush=True,
     )
     spy = start_py_spy(proxy.proc.pid, args.py_spy) if args.py_spy else None
@@ -1716,6 +1741,7 @@ def main(argv=None) -> int:
         print("interrupted; reporting what ran", file=sys.stderr)
     finally:
         stop_py_spy(spy)
+        restore_affinity(broker_affinity)
         for px in proxies.values():
             px.stop()
         admin.cleanup()
@@ -1745,6 +1771,8 @@ def main(argv=None) -> int:
                 "churn_client": args.churn_client,
                 "loadavg_start": loadavg_start,
                 "cpus": os.cpu_count(),
+                "broker_cpus": args.broker_cpus,
+                "client_cpus": args.client_cpus,
                 "loadavg_end": os.getloadavg(),
                 "proxy_starts": proxy.starts,
                 "proxy_log": str(log_path),
@@ -1811,6 +1839,35 @@ def profile_top(path: Path, n: int = 25) -> str:
     for f, c in [kv for kv in incl.most_common() if "amqproxy/" in kv[0]][:n]:
         out.append(f"{100 * c / total:>8.1f}  {f}")
     return "\n".join(out)
+
+
+def parse_cpus(text: str) -> set[int]:
+    """'0', '0,1' or '0-3' -> a CPU set."""
+    cpus: set[int] = set()
+    for part in text.split(","):
+        lo, _, hi = part.strip().partition("-")
+        cpus.update(range(int(lo), int(hi or lo) + 1))
+    return cpus
+
+
+def set_process_affinity(pid: int, cpus: set[int]) -> dict[int, set[int]]:
+    """Pin every thread of `pid`; returns each thread's previous CPU set (for restore_affinity)."""
+    previous = {}
+    for tid in (int(t) for t in os.listdir(f"/proc/{pid}/task")):
+        try:
+            previous[tid] = os.sched_getaffinity(tid)
+            os.sched_setaffinity(tid, cpus)
+        except OSError:  # the thread ended meanwhile
+            pass
+    return previous
+
+
+def restore_affinity(previous: dict[int, set[int]]) -> None:
+    for tid, cpus in previous.items():
+        try:
+            os.sched_setaffinity(tid, cpus)
+        except OSError:
+            pass
 
 
 def raise_nofile() -> int:
