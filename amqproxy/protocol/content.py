@@ -72,6 +72,7 @@ def message_run(
     unpack_content = _CONTENT.unpack_from
     unpack_frame = _FRAME.unpack_from
     publish = method == PUBLISH
+    max_body = min(max_body, max_frame - 8)  # a bigger body frame is the general path's 501
     messages = bodies = method_bytes = header_bytes = 0
     while pos + _CONTENT_FRAME_MIN + 12 <= available:
         frame_type, frame_channel, size, method_id = unpack_method(buf, pos)
