@@ -14,6 +14,7 @@ import os
 import socket
 import struct
 import time
+from collections import defaultdict
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +29,7 @@ from .outbox import Outbox
 from .protocol import constants as c
 from .protocol import proxyproto
 from .protocol.codec import DecodeError, decode_method, encode_method, method_name
-from .protocol.constants import FRAME_BODY, FRAME_END, FRAME_HEADER, FRAME_METHOD, REPLY_NAMES
+from .protocol.constants import FRAME_END, FRAME_METHOD, REPLY_NAMES
 from .protocol.content import PUBLISH, Run, message_run, rechannel
 from .protocol.errors import ProtocolError
 from .protocol.frames import (
@@ -148,7 +149,7 @@ class ClientSession:
             sock, self._on_write_error, high_watermark=self.config.client_buffer, latency=FORWARD_LATENCY_U2C
         )
         self._reader = FrameReader(c.PRE_TUNE_FRAME_MAX)
-        self._batches: dict[Upstream, bytearray] = {}  # this read's frames, per upstream
+        self._batches: defaultdict[Upstream, bytearray] = defaultdict(bytearray)  # this read's frames, per upstream
         self._received_at = 0.0  # when the read that brought this batch's frames returned
         self._torn_down = False
         self._handshake_deadline = 0.0
@@ -760,19 +761,12 @@ class ClientSession:
                             and not link.commit_pending
                             and message_run(buf, pos, available, channel, PUBLISH, max_frame, upstream.max_body, run)
                         ):
+                            run.count(pos, frame_counts, byte_counts)
                             messages = run.messages
-                            frame_counts[FRAME_METHOD] += messages
-                            frame_counts[FRAME_HEADER] += messages
-                            frame_counts[FRAME_BODY] += run.bodies
-                            byte_counts[FRAME_METHOD] += run.method_bytes
-                            byte_counts[FRAME_HEADER] += run.header_bytes
-                            byte_counts[FRAME_BODY] += run.end - pos - run.method_bytes - run.header_bytes
                             self.messages_in += messages
                             if link.confirm:
                                 link.published += messages  # the client's publish sequence number
-                            out = batches.get(upstream)
-                            if out is None:
-                                out = batches[upstream] = bytearray()
+                            out = batches[upstream]
                             if link.upstream_channel == channel:
                                 out += view[pos : run.end]
                             else:
@@ -829,9 +823,7 @@ class ClientSession:
                             if link.tag_offset:  # only on a channel that went through a recovery
                                 renumbered = self._renumber_ack(link, method, buf, start)
                                 if renumbered is not None:
-                                    out = batches.get(link.upstream)  # type: ignore[arg-type]
-                                    if out is None:
-                                        out = batches[link.upstream] = bytearray()  # type: ignore[index]
+                                    out = batches[link.upstream]  # type: ignore[index]
                                     out += method_frame(link.upstream_channel, renumbered)
                                 continue
                         elif not self._on_control_method(link, method, view[start:end]):
@@ -865,17 +857,13 @@ class ClientSession:
                         if link.expect == EXPECT_METHOD:  # the message is complete
                             upstream = link.upstream
                             assert upstream is not None
-                            out = batches.get(upstream)
-                            if out is None:
-                                out = batches[upstream] = bytearray()
+                            out = batches[upstream]
                             out += content
                             content.clear()
                         continue
                     upstream = link.upstream
                     assert upstream is not None  # placed by _place() above
-                    out = batches.get(upstream)
-                    if out is None:
-                        out = batches[upstream] = bytearray()
+                    out = batches[upstream]
                     if link.upstream_channel == channel:
                         out += view[frame_start:pos]
                     else:
@@ -979,9 +967,7 @@ class ClientSession:
             return False
         self.upstream_ids.add(upstream.id)
         if not opened:
-            out = self._batches.get(upstream)
-            if out is None:
-                out = self._batches[upstream] = bytearray()
+            out = self._batches[upstream]
             out += method_frame(link.upstream_channel, _CHANNEL_OPEN)
         if upstream.blocked_reason is not None:
             self.upstream_blocked(upstream, upstream.blocked_reason)

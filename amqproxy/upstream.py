@@ -13,6 +13,7 @@ import socket
 import ssl
 import struct
 import time
+from collections import defaultdict
 from typing import TYPE_CHECKING, Any
 
 import gevent
@@ -25,7 +26,7 @@ from .outbox import Outbox
 from .protocol import constants as c
 from .protocol import proxyproto
 from .protocol.codec import DecodeError, decode_method, encode_method
-from .protocol.constants import FRAME_BODY, FRAME_END, FRAME_HEADER, FRAME_METHOD, REPLY_NAMES
+from .protocol.constants import FRAME_END, FRAME_METHOD, REPLY_NAMES
 from .protocol.content import DELIVER, Run, message_run, rechannel
 from .protocol.errors import ProtocolError
 from .protocol.frames import (
@@ -365,7 +366,7 @@ class Upstream:
                     raise ConnectionResetError("connection closed by the broker")
                 received_at = self.last_recv = time.monotonic()
                 reader.feed(data)
-                batches: dict[ClientSession, bytearray] = {}
+                batches: defaultdict[ClientSession, bytearray] = defaultdict(bytearray)
                 buf = reader.buffer
                 available = len(buf)
                 pos = reader.pos
@@ -396,13 +397,8 @@ class Upstream:
                                 and not link.tag_offset
                                 and message_run(buf, pos, available, channel, DELIVER, max_frame, client.max_body, run)
                             ):
+                                run.count(pos, frame_counts, byte_counts)
                                 messages = run.messages
-                                frame_counts[FRAME_METHOD] += messages
-                                frame_counts[FRAME_HEADER] += messages
-                                frame_counts[FRAME_BODY] += run.bodies
-                                byte_counts[FRAME_METHOD] += run.method_bytes
-                                byte_counts[FRAME_HEADER] += run.header_bytes
-                                byte_counts[FRAME_BODY] += run.end - pos - run.method_bytes - run.header_bytes
                                 client.messages_out += messages
                                 link.delivered += messages
                                 if link.client_channel == channel:
@@ -410,21 +406,15 @@ class Upstream:
                                         run_end = run.end
                                     else:
                                         if run_client is not None:
-                                            out = batches.get(run_client)
-                                            if out is None:
-                                                out = batches[run_client] = bytearray()
+                                            out = batches[run_client]
                                             out += view[run_start:run_end]
                                         run_client, run_start, run_end = client, pos, run.end
                                 else:
                                     if run_client is not None:
-                                        out = batches.get(run_client)
-                                        if out is None:
-                                            out = batches[run_client] = bytearray()
+                                        out = batches[run_client]
                                         out += view[run_start:run_end]
                                         run_client = None
-                                    out = batches.get(client)
-                                    if out is None:
-                                        out = batches[client] = bytearray()
+                                    out = batches[client]
                                     mark = len(out)
                                     out += view[pos : run.end]
                                     rechannel(out, mark, link.client_channel)
@@ -463,14 +453,10 @@ class Upstream:
                                 if client is None or client.closing:
                                     continue
                                 if run_client is not None:
-                                    out = batches.get(run_client)
-                                    if out is None:
-                                        out = batches[run_client] = bytearray()
+                                    out = batches[run_client]
                                     out += view[run_start:run_end]
                                     run_client = None
-                                out = batches.get(client)
-                                if out is None:
-                                    out = batches[client] = bytearray()
+                                out = batches[client]
                                 out += method_frame(link.client_channel, rewritten)  # type: ignore[arg-type]
                                 continue
                         else:
@@ -490,30 +476,22 @@ class Upstream:
                                 run_end = pos
                                 continue
                             if run_client is not None:
-                                out = batches.get(run_client)
-                                if out is None:
-                                    out = batches[run_client] = bytearray()
+                                out = batches[run_client]
                                 out += view[run_start:run_end]
                             run_client, run_start, run_end = client, frame_start, pos
                             continue
                         if run_client is not None:  # keep each client's frames in order
-                            out = batches.get(run_client)
-                            if out is None:
-                                out = batches[run_client] = bytearray()
+                            out = batches[run_client]
                             out += view[run_start:run_end]
                             run_client = None
-                        out = batches.get(client)
-                        if out is None:
-                            out = batches[client] = bytearray()
+                        out = batches[client]
                         if frame_type == c.FRAME_BODY and size > client.max_body:
                             append_split_body(out, link.client_channel, view[start:end], client.max_body)
                         else:
                             out += pack_header(frame_type, link.client_channel, size)
                             out += view[start : end + 1]
                     if run_client is not None:
-                        out = batches.get(run_client)
-                        if out is None:
-                            out = batches[run_client] = bytearray()
+                        out = batches[run_client]
                         out += view[run_start:run_end]
                 reader.pos = pos
                 reader.compact()

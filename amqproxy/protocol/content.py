@@ -49,6 +49,15 @@ class Run:
         self.method_bytes = 0  # bytes of the method frames, framing included
         self.header_bytes = 0  # bytes of the content header frames; the rest are body frames
 
+    def count(self, start: int, frames: list[int], nbytes: list[int]) -> None:
+        """Add the run that began at `start` to per-frame-type counters (metrics.FRAMES/BYTES)."""
+        frames[FRAME_METHOD] += self.messages
+        frames[FRAME_HEADER] += self.messages
+        frames[FRAME_BODY] += self.bodies
+        nbytes[FRAME_METHOD] += self.method_bytes
+        nbytes[FRAME_HEADER] += self.header_bytes
+        nbytes[FRAME_BODY] += self.end - start - self.method_bytes - self.header_bytes
+
 
 def message_run(
     buf: bytearray,
