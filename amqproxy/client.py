@@ -52,6 +52,7 @@ from .protocol.handshake import (
     tune_payload,
 )
 from .protocol.rules import CLIENT_CHANNEL_METHODS, EXPECT_METHOD, QUEUE_ACCESS_METHODS, check_ack_layout, role_of
+from .pool import ROLE_ANY
 from .recovery import ConfirmTracker, Topology, ack_tag, consume_nowait, qos_default
 from .upstream import Upstream, UpstreamError
 
@@ -756,6 +757,7 @@ class ClientSession:
                         upstream = link.upstream
                         if (
                             upstream is not None
+                            and link.role != "consume"  # its first publish may move it (_movable)
                             and link.expect == EXPECT_METHOD
                             and not link.closing
                             and not link.commit_pending
@@ -803,6 +805,9 @@ class ClientSession:
                             continue
                         if link.upstream is None and not self._place(link, method):
                             continue
+                        if method == c.BASIC_PUBLISH and link.role == "consume" and self._movable(link):
+                            if not self._move_to_publishers(link):
+                                continue
                         if method == c.BASIC_PUBLISH:
                             # Hold the message until its last frame: a partly forwarded message
                             # followed by anything else on the channel would be a 505 for the
@@ -945,7 +950,7 @@ class ClientSession:
             raise ProtocolError(c.CHANNEL_ERROR, "second 'channel.open' seen", method)
         self._flush()  # placement may have to dial: what was read before goes first
         self.throttled = True  # not reading the client meanwhile is our doing, not a missed heartbeat
-        link.role = role_of(method)
+        link.role = role_of(method) if self.config.separate_publishers else ROLE_ANY
         try:
             opened = self.pool.place(self, link, link.role)
         except UpstreamError as exc:
@@ -972,6 +977,46 @@ class ClientSession:
         if upstream.blocked_reason is not None:
             self.upstream_blocked(upstream, upstream.blocked_reason)
         return True
+
+    def _movable(self, link: Link) -> bool:
+        """A channel placed with the consumers (its first method was, say, queue.declare) now
+        publishes: may it move to a publishing connection? Only if nothing ties it to this one."""
+        upstream = link.upstream
+        return (
+            self.config.separate_publishers
+            and self.exclusive_upstream is None  # exclusive queues pin the client (Pool._choose)
+            and isinstance(upstream, Upstream)  # not a recovery's Gap
+            and upstream.state == "open"
+            and not link.record.pending  # an unanswered request would be overtaken
+            and not link.record.settings  # no qos or consumers to carry over
+            and not link.consumer_tags
+            and not link.delivered  # delivery tags are per channel
+            and not link.tag_offset
+            and not link.closing
+        )
+
+    def _move_to_publishers(self, link: Link) -> bool:
+        """Give the channel a fresh upstream channel on a publishing connection: RabbitMQ's flow
+        control and memory alarm block a connection that publishes, and the consumers placed on
+        this one must not be blocked with it. The old upstream channel is closed by a stand-in
+        link that no client hears from; everything the client sent before goes out first."""
+        old = link.upstream
+        assert isinstance(old, Upstream)
+        self._flush()
+        stand_in = Link(None, link.client_channel, old, link.upstream_channel)
+        old.links[link.upstream_channel] = stand_in
+        old.close_channel(stand_in, 200, "channel moved to a publishing connection")
+        if old in self.blocked_by and not any(
+            other.upstream is old for other in self.channels.values() if other is not link
+        ):
+            self.upstream_unblocked(old)
+        link.upstream = None
+        link.upstream_channel = 0
+        log.debug(
+            "channel moved to a publishing connection",
+            extra=self._log_extra("channel_moved", channel=link.client_channel, upstream_id=old.id),
+        )
+        return self._place(link, c.BASIC_PUBLISH)  # False: the client left meanwhile
 
     def _on_control_method(self, link: Link, method: tuple[int, int], payload: memoryview) -> bool:
         """Check and interpret a control-plane method; returns whether to forward the frame."""

@@ -12,11 +12,15 @@ import time
 import urllib.error
 import urllib.request
 
+import pamqp.body
+import pamqp.commands as C
+import pamqp.frame
+import pamqp.header
 import pika
 import pika.exceptions
 import pytest
 
-from ._support import wait_until
+from ._support import RawAMQP, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.proxy_only]
 
@@ -286,3 +290,88 @@ def test_publishers_and_consumers_use_separate_connections(proxy_factory, separa
     roles = sorted(c["role"] for c in upstreams["connections"] if c["channels"])
     assert roles == (["consume", "publish"] if separate == "true" else ["any"])
     conn.close()
+
+
+def _channels_by_role(proc) -> dict[str, int]:
+    _status, upstreams = admin(proc, "/upstreams")
+    roles: dict[str, int] = {}
+    for c in upstreams["connections"]:
+        if c["channels"]:
+            roles[c["role"]] = roles.get(c["role"], 0) + c["channels"]
+    return roles
+
+
+def test_a_channel_that_declares_then_publishes_moves_to_a_publishing_connection(proxy_factory):
+    """The common script pattern (declare the queue, then publish on the same channel): the
+    channel starts with the consumers and moves at its first publish, losing nothing, so a
+    memory alarm or flow control on the publisher never holds the consumers back."""
+    proc = proxy_factory()
+    queue = "amqproxy-test-declare-then-publish"
+    consumer_conn, publisher_conn = connect(proc), connect(proc)
+    try:
+        consumer = consumer_conn.channel()
+        consumer.queue_declare(queue, auto_delete=True)
+        received: list[bytes] = []
+        consumer.basic_consume(queue, lambda ch, m, p, body: received.append(body), auto_ack=True)
+        publisher = publisher_conn.channel()
+        publisher.queue_declare(queue, auto_delete=True)  # first method: placed with the consumers
+        assert _channels_by_role(proc) == {"consume": 2}
+        for i in range(50):
+            publisher.basic_publish("", queue, b"m%d" % i)
+        publisher_conn.process_data_events(0)
+        wait_until(lambda: consumer_conn.process_data_events(0.05) or len(received) == 50, timeout=10)
+        assert received == [b"m%d" % i for i in range(50)]  # nothing lost or reordered by the move
+        assert _channels_by_role(proc) == {"consume": 1, "publish": 1}
+        publisher.queue_declare(queue, passive=True)  # the moved channel still answers
+    finally:
+        for conn in (consumer_conn, publisher_conn):
+            conn.close()
+
+
+def test_a_channel_tied_to_its_connection_does_not_move(proxy_factory):
+    """Consumers, qos or (here) the client's exclusive queues keep a channel where it is."""
+    proc = proxy_factory()
+    conn = connect(proc)
+    try:
+        ch = conn.channel()
+        queue = ch.queue_declare("", exclusive=True).method.queue
+        ch.basic_publish("", queue, b"stays")
+        assert ch.basic_get(queue, auto_ack=True)[2] == b"stays"
+        assert _channels_by_role(proc) == {"consume": 1}
+        other = conn.channel()
+        other.basic_qos(prefetch_count=5)
+        other.basic_publish("", queue, b"qos")
+        assert ch.basic_get(queue, auto_ack=True)[2] == b"qos"
+        assert _channels_by_role(proc) == {"consume": 2}
+    finally:
+        conn.close()
+
+
+def test_a_publish_pipelined_behind_its_queue_declare_is_not_overtaken(proxy_factory):
+    """queue.declare and basic.publish in one write, before the declare-ok: the channel must not
+    move then (the publish could reach the broker before the queue exists and be dropped)."""
+    proc = proxy_factory()
+    queue = "amqproxy-test-pipelined-declare"
+    with RawAMQP(proc.host, proc.port) as raw:
+        assert isinstance(raw.handshake()[2], C.Connection.OpenOk)
+        raw.send(C.Channel.Open(), 1)
+        raw.expect(C.Channel.OpenOk, 1)
+        body = b"pipelined"
+        raw.send_bytes(
+            pamqp.frame.marshal(C.Queue.Declare(queue=queue, auto_delete=False), 1)
+            + pamqp.frame.marshal(C.Basic.Publish(exchange="", routing_key=queue), 1)
+            + pamqp.frame.marshal(pamqp.header.ContentHeader(0, len(body), C.Basic.Properties()), 1)
+            + pamqp.frame.marshal(pamqp.body.ContentBody(body), 1)
+        )
+        raw.expect(C.Queue.DeclareOk, 1)
+        conn = connect(proc)
+        try:
+            ch = conn.channel()
+            method, _props, got = ch.basic_get(queue, auto_ack=True)
+            deadline = time.monotonic() + 5
+            while got is None and time.monotonic() < deadline:
+                method, _props, got = ch.basic_get(queue, auto_ack=True)
+            assert got == body
+            ch.queue_delete(queue)
+        finally:
+            conn.close()
