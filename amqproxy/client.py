@@ -26,6 +26,7 @@ from .channel import Gap, Link, Replay
 from .limits import CLIENT_BYTE_RATE, Decision, Refusal, TokenBucket
 from .metrics import BYTES, CLIENT_TO_UPSTREAM, FORWARD_LATENCY_U2C, FRAMES
 from .outbox import Outbox
+from .pool import ROLE_ANY
 from .protocol import constants as c
 from .protocol import proxyproto
 from .protocol.codec import DecodeError, decode_method, encode_method, method_name
@@ -52,7 +53,6 @@ from .protocol.handshake import (
     tune_payload,
 )
 from .protocol.rules import CLIENT_CHANNEL_METHODS, EXPECT_METHOD, QUEUE_ACCESS_METHODS, check_ack_layout, role_of
-from .pool import ROLE_ANY
 from .recovery import ConfirmTracker, Topology, ack_tag, consume_nowait, qos_default
 from .upstream import Upstream, UpstreamError
 
