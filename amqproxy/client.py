@@ -988,6 +988,7 @@ class ClientSession:
             and isinstance(upstream, Upstream)  # not a recovery's Gap
             and upstream.state == "open"
             and not link.record.pending  # an unanswered request would be overtaken
+            and not link.record.unconfirmed  # so would a nowait one
             and not link.record.settings  # no qos or consumers to carry over
             and not link.consumer_tags
             and not link.delivered  # delivery tags are per channel

@@ -190,7 +190,7 @@ class Consumer(NamedTuple):
 class ChannelRecord:
     """What a channel set up, in the order the broker accepted it, and its unanswered requests."""
 
-    __slots__ = ("settings", "confirm", "tx", "last_queue", "pending")
+    __slots__ = ("settings", "confirm", "tx", "last_queue", "pending", "unconfirmed")
 
     def __init__(self) -> None:
         # ("qos", raw) and ("consume", Consumer) in acceptance order: a per-consumer prefetch
@@ -200,15 +200,20 @@ class ChannelRecord:
         self.tx = False
         self.last_queue = ""  # the queue "" means in queue methods (spec: the last declared)
         self.pending: deque[Pending] = deque()
+        # A method went upstream with no reply to wait for (nowait, basic.recover-async): the
+        # proxy cannot know when the broker has done it (ClientSession._movable needs to).
+        self.unconfirmed = False
 
     def request(self, method: tuple[int, int], args: dict[str, Any], raw: bytes, topology: Topology | None) -> None:
         """The client sent a control method upstream."""
         replies = REPLIES.get(method)
         if replies is None:
+            self.unconfirmed = True
             return  # no reply, nothing to record (basic.recover-async, channel.close...)
         if method in _NO_NOWAIT or not args.get("nowait"):
             self.pending.append(Pending(replies, method, args, raw))
         else:
+            self.unconfirmed = True
             self.accepted(method, args, raw, topology, "")
 
     def reply(self, method: tuple[int, int], name: str, topology: Topology | None) -> Pending | None:

@@ -347,31 +347,35 @@ def test_a_channel_tied_to_its_connection_does_not_move(proxy_factory):
         conn.close()
 
 
-def test_a_publish_pipelined_behind_its_queue_declare_is_not_overtaken(proxy_factory):
-    """queue.declare and basic.publish in one write, before the declare-ok: the channel must not
-    move then (the publish could reach the broker before the queue exists and be dropped)."""
+@pytest.mark.parametrize("nowait", [False, True])
+def test_a_publish_pipelined_behind_its_queue_declare_is_not_overtaken(proxy_factory, nowait):
+    """queue.declare and basic.publish in one write, before the declare-ok (or with a nowait
+    declare, which has none): the channel must not move then, or the publish could reach the
+    broker on another connection before the queue exists and be dropped."""
     proc = proxy_factory()
-    queue = "amqproxy-test-pipelined-declare"
+    queue = f"amqproxy-test-pipelined-declare-{nowait}"
     with RawAMQP(proc.host, proc.port) as raw:
         assert isinstance(raw.handshake()[2], C.Connection.OpenOk)
         raw.send(C.Channel.Open(), 1)
         raw.expect(C.Channel.OpenOk, 1)
         body = b"pipelined"
         raw.send_bytes(
-            pamqp.frame.marshal(C.Queue.Declare(queue=queue, auto_delete=False), 1)
+            pamqp.frame.marshal(C.Queue.Declare(queue=queue, nowait=nowait), 1)
             + pamqp.frame.marshal(C.Basic.Publish(exchange="", routing_key=queue), 1)
             + pamqp.frame.marshal(pamqp.header.ContentHeader(0, len(body), C.Basic.Properties()), 1)
             + pamqp.frame.marshal(pamqp.body.ContentBody(body), 1)
         )
-        raw.expect(C.Queue.DeclareOk, 1)
+        if not nowait:
+            raw.expect(C.Queue.DeclareOk, 1)
         conn = connect(proc)
         try:
             ch = conn.channel()
-            method, _props, got = ch.basic_get(queue, auto_ack=True)
+            got = None
             deadline = time.monotonic() + 5
             while got is None and time.monotonic() < deadline:
-                method, _props, got = ch.basic_get(queue, auto_ack=True)
+                got = ch.basic_get(queue, auto_ack=True)[2]
             assert got == body
+            assert _channels_by_role(proc) == {"consume": 2}  # the raw client's channel stayed
             ch.queue_delete(queue)
         finally:
             conn.close()
