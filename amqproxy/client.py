@@ -990,6 +990,8 @@ class ClientSession:
             and not link.record.pending  # an unanswered request would be overtaken
             and not link.record.unconfirmed  # so would a nowait one
             and not link.record.settings  # no qos or consumers to carry over
+            and not link.confirm  # confirm and tx modes belong to the channel (and its numbering)
+            and not link.record.tx
             and not link.consumer_tags
             and not link.delivered  # delivery tags are per channel
             and not link.tag_offset

@@ -329,22 +329,40 @@ def test_a_channel_that_declares_then_publishes_moves_to_a_publishing_connection
 
 
 def test_a_channel_tied_to_its_connection_does_not_move(proxy_factory):
-    """Consumers, qos or (here) the client's exclusive queues keep a channel where it is."""
+    """The client's exclusive queues, qos, or confirm mode keep a channel where it is."""
     proc = proxy_factory()
-    conn = connect(proc)
+    queue = "amqproxy-test-channels-that-stay"
+    conns = [connect(proc) for _ in range(4)]
     try:
-        ch = conn.channel()
-        queue = ch.queue_declare("", exclusive=True).method.queue
-        ch.basic_publish("", queue, b"stays")
-        assert ch.basic_get(queue, auto_ack=True)[2] == b"stays"
-        assert _channels_by_role(proc) == {"consume": 1}
-        other = conn.channel()
-        other.basic_qos(prefetch_count=5)
-        other.basic_publish("", queue, b"qos")
-        assert ch.basic_get(queue, auto_ack=True)[2] == b"qos"
-        assert _channels_by_role(proc) == {"consume": 2}
+        reader = conns[0].channel()
+        reader.queue_declare(queue, auto_delete=False)
+
+        exclusive = conns[1].channel()
+        own = exclusive.queue_declare("", exclusive=True).method.queue
+        exclusive.basic_publish("", own, b"exclusive")
+        assert exclusive.basic_get(own, auto_ack=True)[2] == b"exclusive"
+
+        with_qos = conns[2].channel()
+        with_qos.basic_qos(prefetch_count=5)
+        with_qos.basic_publish("", queue, b"qos")
+
+        confirming = conns[3].channel()
+        confirming.queue_declare(queue, passive=True)
+        confirming.confirm_delivery()
+        confirming.basic_publish("", queue, b"confirmed")  # returns once the broker confirmed it
+
+        got = []
+        deadline = time.monotonic() + 5
+        while len(got) < 2 and time.monotonic() < deadline:
+            body = reader.basic_get(queue, auto_ack=True)[2]
+            if body is not None:
+                got.append(body)
+        assert sorted(got) == [b"confirmed", b"qos"]
+        assert _channels_by_role(proc) == {"consume": 4}
+        reader.queue_delete(queue)
     finally:
-        conn.close()
+        for conn in conns:
+            conn.close()
 
 
 @pytest.mark.parametrize("nowait", [False, True])

@@ -1,0 +1,179 @@
+"""Cost per message of the two forwarding loops, fed from memory (no sockets, no broker).
+
+    python loadtests/hotpath.py                      # CPU time per message, best of 7
+    python loadtests/hotpath.py --callgrind          # instructions per message (valgrind)
+    python loadtests/hotpath.py --callgrind --root /tmp/before   # another checkout's loops
+
+The client leg (`ClientSession._forward_loop`) is fed reads of 100 whole 1 KB publishes on one
+channel, with and without content properties; the upstream leg (`Upstream._read_loop`) reads of
+10 deliveries. The peers on the other side only count bytes. Timings on a shared VM vary from
+run to run; `--callgrind` counts the instructions of two run lengths under valgrind and prints
+the difference per message, with PYTHONHASHSEED=0: the same number on every run, so a change
+of a few percent is visible (docs/BENCHMARKS.md records such before/after pairs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+KINDS = ("publish", "publish-properties", "deliver")
+PER_READ = {"publish": 100, "publish-properties": 100, "deliver": 10}
+
+
+class _EndOfInput(Exception):
+    pass
+
+
+class _Socket:
+    def __init__(self, data: bytes, reads: int) -> None:
+        self.data = data
+        self.left = reads
+
+    def recv(self, size: int) -> bytes:
+        if not self.left:
+            raise _EndOfInput
+        self.left -= 1
+        return self.data
+
+
+class _Upstream:
+    max_body = 131072 - 8
+    outbox = None
+    state = "open"
+
+    def __init__(self) -> None:
+        self.sent = 0
+
+    def send(self, data: bytes | bytearray, received_at: float = 0.0) -> None:
+        self.sent += len(data)
+
+
+class _Client:
+    closing = False
+    max_body = 131072 - 8
+
+    def __init__(self) -> None:
+        self.received = 0
+        self.messages_out = 0
+
+    def deliver(self, data: bytes | bytearray, received_at: float) -> None:
+        self.received += len(data)
+
+
+def _message(method: object, body: bytes, properties: object) -> bytes:
+    import pamqp.body
+    import pamqp.frame
+    import pamqp.header
+
+    return (
+        pamqp.frame.marshal(method, 1)
+        + pamqp.frame.marshal(pamqp.header.ContentHeader(0, len(body), properties), 1)
+        + pamqp.frame.marshal(pamqp.body.ContentBody(body), 1)
+    )
+
+
+def run(kind: str, reads: int) -> float:
+    """Feed `reads` reads through one loop; returns CPU seconds per message."""
+    import pamqp.commands as pc
+
+    from amqproxy.channel import Link
+    from amqproxy.client import ClientSession
+    from amqproxy.protocol.frames import FrameReader
+    from amqproxy.upstream import Upstream
+
+    body = b"x" * 1024
+    per_read = PER_READ[kind]
+    if kind == "deliver":
+        data = b"".join(
+            _message(pc.Basic.Deliver("bench", tag + 1, False, "", "q"), body, pc.Basic.Properties())
+            for tag in range(per_read)
+        )
+        upstream = Upstream.__new__(Upstream)
+        upstream.sock = _Socket(data, reads)  # type: ignore[assignment]
+        upstream._handshake = FrameReader(131072)
+        upstream.frame_max = 131072
+        upstream.links = {}
+        upstream.last_recv = 0.0
+        upstream.state = "open"
+        client = _Client()
+        upstream.links[1] = Link(client, 1, upstream, 1)  # type: ignore[arg-type]
+        loop = upstream._read_loop
+        forwarded = lambda: client.received  # noqa: E731
+    else:
+        properties = (
+            pc.Basic.Properties(content_type="application/json", delivery_mode=2)
+            if kind == "publish-properties"
+            else pc.Basic.Properties()
+        )
+        data = _message(pc.Basic.Publish(exchange="", routing_key="q"), body, properties) * per_read
+        session = ClientSession.__new__(ClientSession)
+        session.sock = _Socket(data, reads)  # type: ignore[assignment]
+        session._reader = FrameReader(131072)
+        session._batches = defaultdict(bytearray)
+        session.channels = {}
+        session.closing = session.throttled = False
+        session._byte_bucket = None
+        session.bytes_in = session.messages_in = 0
+        session.last_recv = session._received_at = 0.0
+        sink = _Upstream()
+        link = Link(session, 1, sink, 1)  # type: ignore[arg-type]
+        link.role = "publish"
+        session.channels[1] = link
+        loop = session._forward_loop
+        forwarded = lambda: sink.sent  # noqa: E731
+    started = time.process_time()
+    try:
+        loop()
+    except _EndOfInput:
+        pass
+    elapsed = time.process_time() - started
+    if forwarded() != len(data) * reads:
+        raise AssertionError(f"{kind}: {forwarded()} bytes forwarded of {len(data) * reads}")
+    return elapsed / (reads * per_read)
+
+
+def callgrind(kind: str, root: Path) -> int:
+    """Instructions per message: valgrind counts two run lengths, the difference cancels start-up."""
+
+    def count(reads: int) -> int:
+        env = {**os.environ, "PYTHONHASHSEED": "0", "PYTHONPATH": str(root)}
+        cmd = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, __file__]
+        cmd += ["--one", kind, "--reads", str(reads), "--root", str(root)]
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stderr
+        return int(re.search(r"Collected : (\d+)", out).group(1))  # type: ignore[union-attr]
+
+    short, long = 10, 30
+    scale = {"deliver": 10}.get(kind, 1)  # deliveries: more reads, fewer messages per read
+    return (count(long * scale) - count(short * scale)) // ((long - short) * scale * PER_READ[kind])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--root", type=Path, default=REPO_ROOT, help="checkout whose amqproxy is measured")
+    ap.add_argument("--callgrind", action="store_true", help="instructions per message under valgrind")
+    ap.add_argument("--one", choices=KINDS, help=argparse.SUPPRESS)  # a single run (for --callgrind)
+    ap.add_argument("--reads", type=int, default=0, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    sys.path.insert(0, str(args.root))
+    if args.one:
+        run(args.one, args.reads)
+        return 0
+    for kind in KINDS:
+        if args.callgrind:
+            print(f"{kind:20} {callgrind(kind, args.root):8,} instructions per message", flush=True)
+        else:
+            best = min(run(kind, {"deliver": 1500}.get(kind, 150)) for _ in range(7))
+            print(f"{kind:20} {best * 1e6:6.2f} us CPU per message (best of 7)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
