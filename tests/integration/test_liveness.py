@@ -12,7 +12,9 @@ pytestmark = pytest.mark.integration
 def test_idle_pooled_upstream_is_kept_alive_by_proxy_heartbeats(proxy_factory, broker, names):
     """With a 1 s upstream heartbeat the broker drops a silent connection after ~2 s; the proxy's
     own heartbeats keep the idle pooled connection alive, and the next client reuses it."""
-    proc = proxy_factory("--upstream-heartbeat", "1", "--idle-timeout", "60")
+    # --separate-publishers false: the next client's declare-then-publish channel reuses the
+    # pooled connection instead of moving to a publishing one.
+    proc = proxy_factory("--upstream-heartbeat", "1", "--idle-timeout", "60", "--separate-publishers", "false")
     target = proc.target()
     conn = target.pika()
     conn.channel().close()
