@@ -1015,6 +1015,7 @@ class ClientSession:
             self.upstream_unblocked(old)
         link.upstream = None
         link.upstream_channel = 0
+        self.proxy.metrics.channel_moved(self)
         log.debug(
             "channel moved to a publishing connection",
             extra=self._log_extra("channel_moved", channel=link.client_channel, upstream_id=old.id),

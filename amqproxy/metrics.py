@@ -61,6 +61,11 @@ CLIENTS_REFUSED = Counter(
 )
 CHANNELS_OPENED = Counter("amqproxy_channels_opened_total", "Client channels opened", ["vhost", "user"])
 CHANNELS_CLOSED = Counter("amqproxy_channels_closed_total", "Client channels closed", ["vhost", "user"])
+CHANNELS_MOVED = Counter(
+    "amqproxy_channels_moved_total",
+    "Client channels placed with the consumers that moved to a publishing upstream connection at their first publish",
+    ["vhost"],
+)
 FRAMES_FAILED = Counter(
     "amqproxy_frames_failed_total",
     "Frames refused by the proxy (the sender was closed), by reason",
@@ -183,6 +188,9 @@ class Metrics:
 
     def channel_closed(self, client: ClientSession) -> None:
         CHANNELS_CLOSED.labels(client.vhost or "", client.username).inc()
+
+    def channel_moved(self, client: ClientSession) -> None:
+        CHANNELS_MOVED.labels(client.vhost or "").inc()
 
     def frame_failed(self, direction: str, reason: str) -> None:
         FRAMES_FAILED.labels(direction, reason).inc()

@@ -323,6 +323,8 @@ def test_a_channel_that_declares_then_publishes_moves_to_a_publishing_connection
         assert received == [b"m%d" % i for i in range(50)]  # nothing lost or reordered by the move
         assert _channels_by_role(proc) == {"consume": 1, "publish": 1}
         publisher.queue_declare(queue, passive=True)  # the moved channel still answers
+        metrics = urllib.request.urlopen(f"http://{proc.host}:{proc.http_port}/metrics").read().decode()
+        assert 'amqproxy_channels_moved_total{vhost="/"} 1.0' in metrics
     finally:
         for conn in (consumer_conn, publisher_conn):
             conn.close()
