@@ -31,7 +31,7 @@ from .protocol import constants as c
 from .protocol import proxyproto
 from .protocol.codec import DecodeError, decode_method, encode_method, method_name
 from .protocol.constants import FRAME_END, FRAME_METHOD, REPLY_NAMES
-from .protocol.content import PUBLISH, Run, message_run, rechannel
+from .protocol.content import PUBLISH, Run, append_frames, message_run
 from .protocol.errors import ProtocolError
 from .protocol.frames import (
     FRAME_HEADER_STRUCT,
@@ -768,13 +768,7 @@ class ClientSession:
                             self.messages_in += messages
                             if link.confirm:
                                 link.published += messages  # the client's publish sequence number
-                            out = batches[upstream]
-                            if link.upstream_channel == channel:
-                                out += view[pos : run.end]
-                            else:
-                                mark = len(out)
-                                out += view[pos : run.end]
-                                rechannel(out, mark, link.upstream_channel)
+                            append_frames(batches[upstream], view[pos : run.end], link.upstream_channel)
                             pos = reader.pos = run.end
                             continue
                     frame_start = pos
@@ -828,8 +822,7 @@ class ClientSession:
                             if link.tag_offset:  # only on a channel that went through a recovery
                                 renumbered = self._renumber_ack(link, method, buf, start)
                                 if renumbered is not None:
-                                    out = batches[link.upstream]  # type: ignore[index]
-                                    out += method_frame(link.upstream_channel, renumbered)
+                                    batches[link.upstream] += method_frame(link.upstream_channel, renumbered)  # type: ignore[index]
                                 continue
                         elif not self._on_control_method(link, method, view[start:end]):
                             continue
@@ -862,8 +855,7 @@ class ClientSession:
                         if link.expect == EXPECT_METHOD:  # the message is complete
                             upstream = link.upstream
                             assert upstream is not None
-                            out = batches[upstream]
-                            out += content
+                            batches[upstream] += content
                             content.clear()
                         continue
                     upstream = link.upstream
@@ -972,8 +964,7 @@ class ClientSession:
             return False
         self.upstream_ids.add(upstream.id)
         if not opened:
-            out = self._batches[upstream]
-            out += method_frame(link.upstream_channel, _CHANNEL_OPEN)
+            self._batches[upstream] += method_frame(link.upstream_channel, _CHANNEL_OPEN)
         if upstream.blocked_reason is not None:
             self.upstream_blocked(upstream, upstream.blocked_reason)
         return True

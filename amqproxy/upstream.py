@@ -27,7 +27,7 @@ from .protocol import constants as c
 from .protocol import proxyproto
 from .protocol.codec import DecodeError, decode_method, encode_method
 from .protocol.constants import FRAME_END, FRAME_METHOD, REPLY_NAMES
-from .protocol.content import DELIVER, Run, message_run, rechannel
+from .protocol.content import DELIVER, Run, append_frames, message_run
 from .protocol.errors import ProtocolError
 from .protocol.frames import (
     FRAME_HEADER_STRUCT,
@@ -406,18 +406,13 @@ class Upstream:
                                         run_end = run.end
                                     else:
                                         if run_client is not None:
-                                            out = batches[run_client]
-                                            out += view[run_start:run_end]
+                                            batches[run_client] += view[run_start:run_end]
                                         run_client, run_start, run_end = client, pos, run.end
                                 else:
                                     if run_client is not None:
-                                        out = batches[run_client]
-                                        out += view[run_start:run_end]
+                                        batches[run_client] += view[run_start:run_end]
                                         run_client = None
-                                    out = batches[client]
-                                    mark = len(out)
-                                    out += view[pos : run.end]
-                                    rechannel(out, mark, link.client_channel)
+                                    append_frames(batches[client], view[pos : run.end], link.client_channel)
                                 pos = run.end
                                 continue
                         frame_start = pos
@@ -453,11 +448,9 @@ class Upstream:
                                 if client is None or client.closing:
                                     continue
                                 if run_client is not None:
-                                    out = batches[run_client]
-                                    out += view[run_start:run_end]
+                                    batches[run_client] += view[run_start:run_end]
                                     run_client = None
-                                out = batches[client]
-                                out += method_frame(link.client_channel, rewritten)  # type: ignore[arg-type]
+                                batches[client] += method_frame(link.client_channel, rewritten)  # type: ignore[arg-type]
                                 continue
                         else:
                             # Content body bytes still due to the client on this channel: a loss
@@ -476,13 +469,11 @@ class Upstream:
                                 run_end = pos
                                 continue
                             if run_client is not None:
-                                out = batches[run_client]
-                                out += view[run_start:run_end]
+                                batches[run_client] += view[run_start:run_end]
                             run_client, run_start, run_end = client, frame_start, pos
                             continue
                         if run_client is not None:  # keep each client's frames in order
-                            out = batches[run_client]
-                            out += view[run_start:run_end]
+                            batches[run_client] += view[run_start:run_end]
                             run_client = None
                         out = batches[client]
                         if frame_type == c.FRAME_BODY and size > client.max_body:
@@ -491,8 +482,7 @@ class Upstream:
                             out += pack_header(frame_type, link.client_channel, size)
                             out += view[start : end + 1]
                     if run_client is not None:
-                        out = batches[run_client]
-                        out += view[run_start:run_end]
+                        batches[run_client] += view[run_start:run_end]
                 reader.pos = pos
                 reader.compact()
                 for client, out in batches.items():

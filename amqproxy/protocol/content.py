@@ -168,8 +168,12 @@ def properties_valid(buf: bytearray, start: int, end: int) -> bool:
     return valid
 
 
-def rechannel(out: bytearray, start: int, channel: int) -> None:
-    """Rewrite the channel id of every frame in out[start:] (whole frames) to `channel`."""
+def append_frames(out: bytearray, frames: memoryview, channel: int) -> None:
+    """Append whole frames of one channel (a run from `message_run`) to `out`, on `channel`."""
+    start = len(out)
+    out += frames
+    if _CHANNEL.unpack_from(frames, 1)[0] == channel:
+        return  # the same id on both legs: verbatim
     end = len(out)
     pack_channel = _CHANNEL.pack_into
     frame = _FRAME.unpack_from

@@ -26,7 +26,7 @@ from amqproxy.channel import Link
 from amqproxy.client import ClientSession
 from amqproxy.metrics import CLIENT_TO_UPSTREAM, FRAMES, UPSTREAM_TO_CLIENT
 from amqproxy.protocol import constants as c
-from amqproxy.protocol.content import DELIVER, PUBLISH, Run, message_run, properties_valid, rechannel
+from amqproxy.protocol.content import DELIVER, PUBLISH, Run, append_frames, message_run, properties_valid
 from amqproxy.protocol.errors import ProtocolError
 from amqproxy.protocol.frames import FrameReader
 from amqproxy.upstream import Upstream
@@ -151,10 +151,12 @@ def test_valid_properties_pass_and_the_verdict_is_remembered() -> None:
     assert properties_valid(bytearray(BAD_PROPERTIES), 0, len(BAD_PROPERTIES)) is False
 
 
-def test_rechannel_rewrites_every_frame() -> None:
-    out = bytearray(b"keep") + publish(1, b"x" * 10, pieces=3)
-    rechannel(out, 4, 513)
+def test_append_frames_rewrites_every_frame_to_the_destination_channel() -> None:
+    out = bytearray(b"keep")
+    append_frames(out, memoryview(publish(1, b"x" * 10, pieces=3)), 513)
     assert out == bytearray(b"keep") + publish(513, b"x" * 10, pieces=3)
+    append_frames(out, memoryview(publish(513, b"y")), 513)  # same id: verbatim
+    assert out == bytearray(b"keep") + publish(513, b"x" * 10, pieces=3) + publish(513, b"y")
 
 
 # ---------------------------------------------------------------- the client loop, both paths
