@@ -31,6 +31,7 @@ from .logsetup import LEVELS
 from .protocol import constants as c
 
 if TYPE_CHECKING:
+    from .channel import Link
     from .client import ClientSession
     from .server import Proxy
 
@@ -271,6 +272,8 @@ class AdminServer:
                     "heartbeat": upstream.heartbeat,
                 }
             )
+            if query.get("channels") in ("1", "true"):
+                connections[-1]["channel_list"] = [_describe_link(link) for link in upstream.links.values()]
         return _json(start_response, "200 OK", {"nodes": nodes, "connections": connections})
 
     # ------------------------------------------------------------------ runtime controls and debugging
@@ -412,6 +415,34 @@ def _vhost_argument(query: dict[str, str]) -> str:
     if "vhost" not in query:
         raise HTTPError("400 Bad Request", "give the vhost as ?vhost=<name> (percent-encoded, e.g. %2F for /)")
     return query["vhost"]
+
+
+def _describe_link(link: Link) -> dict[str, Any]:
+    """One upstream channel: whose it is and how far its close has got on each side (a channel
+    that never leaves an upstream's table is found here)."""
+    return {
+        "upstream_channel": link.upstream_channel,
+        "client": link.client.id if link.client is not None else None,
+        "client_channel": link.client_channel,
+        "role": link.role,
+        "closing": link.closing,
+        "close": {
+            name: getattr(link, name)
+            for name in (
+                "u_close_sent",
+                "u_close_received",
+                "u_close_ok_sent",
+                "u_close_ok_received",
+                "c_close_sent",
+                "c_close_received",
+                "c_close_ok_sent",
+                "c_close_ok_received",
+            )
+            if getattr(link, name)
+        },
+        "awaiting_open_ok": link.waiter is not None,
+        "replay": link.replay is not None,
+    }
 
 
 def _describe(session: ClientSession) -> dict[str, Any]:

@@ -21,6 +21,8 @@ from .protocol.frames import method_frame
 from .protocol.rules import ChannelGuard
 from .recovery import ChannelRecord, ConfirmTracker
 
+CHANNEL_CLOSE_OK = encode_method(c.CHANNEL_CLOSE_OK)  # the payload of a Channel.Close-Ok
+
 if TYPE_CHECKING:
     from .client import ClientSession
     from .upstream import Upstream

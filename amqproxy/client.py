@@ -22,7 +22,7 @@ import gevent
 from gevent.event import AsyncResult
 
 from .access import USER_REFUSED_CODE, VHOST_REFUSED_CODE, user_refused_text, vhost_refused_text
-from .channel import Gap, Link, Replay
+from .channel import CHANNEL_CLOSE_OK, Gap, Link, Replay
 from .limits import CLIENT_BYTE_RATE, Decision, Refusal, TokenBucket
 from .metrics import BYTES, CLIENT_TO_UPSTREAM, FORWARD_LATENCY_U2C, FRAMES
 from .outbox import Outbox
@@ -69,7 +69,6 @@ _RECV_SIZE = 256 * 1024
 _ACKS = frozenset({c.BASIC_ACK, c.BASIC_NACK, c.BASIC_REJECT})
 _CHANNEL_OPEN = encode_method(c.CHANNEL_OPEN)
 _CHANNEL_OPEN_OK = encode_method(c.CHANNEL_OPEN_OK)
-_CHANNEL_CLOSE_OK = encode_method(c.CHANNEL_CLOSE_OK)
 _CLOSE_OK_WAIT = 3.0  # how long a client gets to answer our Connection.Close
 # A client whose outbox stays above --client-buffer for --slow-client-grace is disconnected; one
 # whose outbox passes this many times the limit is disconnected at once (memory stays bounded).
@@ -934,7 +933,7 @@ class ClientSession:
             link.begin_close()
             link.c_close_received = link.c_close_ok_sent = True
             self.forget(link)
-            self.outbox.put(method_frame(link.client_channel, _CHANNEL_CLOSE_OK))
+            self.outbox.put(method_frame(link.client_channel, CHANNEL_CLOSE_OK))
             return False
         if method == c.CHANNEL_CLOSE_OK:
             return False
@@ -1098,13 +1097,15 @@ class ClientSession:
             if link.c_close_received:
                 return  # a duplicate Close: never let it reach the shared connection
             link.c_close_received = True
-            if link.u_close_received and not link.u_close_sent:
-                # The broker is closing this channel too; it answers our Close with Close-Ok.
-                link.u_close_sent = True
-                upstream.send_method(link.upstream_channel, c.CHANNEL_CLOSE, reply_code=200, reply_text="")
-            else:
-                link.c_close_ok_sent = True
-                self.outbox.put(method_frame(link.client_channel, encode_method(c.CHANNEL_CLOSE_OK)))
+            if link.u_close_received and not link.u_close_ok_sent:
+                # The broker closed this channel and the client's Close crossed its Close: the
+                # client is done with the channel, so the broker's Close is answered now. Never
+                # with a Close of ours: RabbitMQ may not answer a Close on a channel it is
+                # closing (its Close-Ok dies with the channel when our Close-Ok follows).
+                link.u_close_ok_sent = True
+                upstream.send_method(link.upstream_channel, c.CHANNEL_CLOSE_OK)
+            link.c_close_ok_sent = True
+            self.outbox.put(method_frame(link.client_channel, CHANNEL_CLOSE_OK))
         elif method == c.CHANNEL_CLOSE_OK:
             if not link.c_close_sent or link.c_close_ok_received:
                 return
@@ -1209,7 +1210,7 @@ class ClientSession:
                 link.upstream = None
                 if link.c_close_received and not link.c_close_ok_sent:
                     link.c_close_ok_sent = True
-                    outbox.put(method_frame(channel, _CHANNEL_CLOSE_OK))
+                    outbox.put(method_frame(channel, CHANNEL_CLOSE_OK))
                 if link.client_side_done():
                     self.forget(link)
                 continue
@@ -1288,7 +1289,7 @@ class ClientSession:
         if link.closing:
             if link.c_close_received and not link.c_close_ok_sent:
                 link.c_close_ok_sent = True
-                self.outbox.put(method_frame(link.client_channel, _CHANNEL_CLOSE_OK))
+                self.outbox.put(method_frame(link.client_channel, CHANNEL_CLOSE_OK))
             if link.client_side_done():
                 self.forget(link)
             return

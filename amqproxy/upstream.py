@@ -20,7 +20,7 @@ import gevent
 from gevent.event import AsyncResult
 
 from . import tls
-from .channel import Link
+from .channel import CHANNEL_CLOSE_OK, Link
 from .metrics import BYTES, FORWARD_LATENCY_C2U, FRAMES, UPSTREAM_TO_CLIENT
 from .outbox import Outbox
 from .protocol import constants as c
@@ -532,13 +532,14 @@ class Upstream:
         if method in _CONFIRMS:
             return self._on_confirm(link, payload)
         if method == c.CHANNEL_CLOSE_OK:
+            if not link.u_close_sent or link.u_close_ok_received:
+                return False  # a late answer to a Close that crossed the broker's (see below)
             link.u_close_ok_received = True
-            answer = False
-            if client is not None and link.c_close_received and not link.c_close_ok_sent:
+            answer_client = client is not None and link.c_close_received and not link.c_close_ok_sent
+            if answer_client:
                 link.c_close_ok_sent = True
-                answer = True
             self._settle(link)
-            return answer
+            return answer_client
         if method == c.CHANNEL_CLOSE:
             link.begin_close()
             link.u_close_received = True
@@ -552,8 +553,17 @@ class Upstream:
                 # Nobody to tell (client gone, or the proxy is closing the client side already).
                 link.u_close_ok_sent = True
                 self.send_method(link.upstream_channel, c.CHANNEL_CLOSE_OK)
+                answer: bool | bytes = False  # or a Close-Ok for the client
+                if link.u_close_sent and not link.u_close_ok_received:
+                    # Our Close crossed the broker's. RabbitMQ answers such a Close from a channel
+                    # that our Close-Ok stops, so its Close-Ok may never come: the channel is
+                    # closed both ways now (a late Close-Ok is dropped above).
+                    link.u_close_ok_received = True
+                    if client is not None and link.c_close_received and not link.c_close_ok_sent:
+                        link.c_close_ok_sent = True
+                        answer = CHANNEL_CLOSE_OK  # the client's own Close is answered
                 self._settle(link)
-                return False
+                return answer
             link.c_close_sent = True
             return True
         name = ""

@@ -284,6 +284,11 @@ class ProxyProcess:
         except urllib.error.HTTPError as e:
             return e.code
 
+    def admin_json(self, path: str, timeout: float = 10.0):
+        """GET an admin endpoint without a token (e.g. "/stats", "/upstreams?channels=1")."""
+        with urllib.request.urlopen(f"http://{self.host}:{self.http_port}{path}", timeout=timeout) as resp:
+            return json.loads(resp.read())
+
     def stop(self, timeout: float = PROXY_STOP_TIMEOUT) -> int | None:
         if self.proc is None:
             return None
