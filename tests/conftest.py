@@ -168,6 +168,18 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def accepting(host: str, port: int, timeout: float) -> bool:
+    """Whether something accepts TCP connections on host:port. Test ports come from the
+    ephemeral range, where a connect with nothing listening can pick the destination port as its
+    source and connect to itself (TCP simultaneous open; Linux makes it rare by giving connect()
+    even ports and bind() odd ones): that is not a listener."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            return sock.getsockname() != sock.getpeername()
+    except OSError:
+        return False
+
+
 def unique_name(prefix: str = "q") -> str:
     return f"amqproxy-test-{prefix}-{uuid.uuid4().hex[:12]}"
 
@@ -254,11 +266,9 @@ class ProxyProcess:
                     f"--- log ({self.log_path}) ---\n{self.log_tail()}"
                 )
             if not amqp_ok:
-                try:
-                    with socket.create_connection((self.host, self.port), timeout=1):
-                        amqp_ok = True
-                except OSError as e:
-                    last_err = f"AMQP port: {e!r}"
+                amqp_ok = accepting(self.host, self.port, timeout=1)
+                if not amqp_ok:
+                    last_err = "AMQP port: not accepting"
             if amqp_ok and not http_ok:
                 try:
                     status = self.healthz(timeout=1)
@@ -483,8 +493,9 @@ def _rabbitmq_sbin() -> Path | None:
     return None
 
 
-def _process_state(pid: int) -> str | None:
-    """One-letter state of a process ('R', 'S', 'T', 'Z', ...), or None when there is none."""
+def _process_state(pid: int | str) -> str | None:
+    """One-letter state of a process ('R', 'S', 'T', 'Z', ...), or None when there is none.
+    `pid` may also be "<pid>/task/<tid>" for one thread."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().rsplit(")", 1)[1].split()[0]
@@ -501,8 +512,20 @@ def _process_state(pid: int) -> str | None:
 
 
 def _pid_alive(pid: int | None) -> bool:
-    # A killed, detached beam may linger as a zombie until it is reaped: that counts as gone.
-    return pid is not None and _process_state(pid) not in (None, "Z", "X")
+    """A killed, detached beam may linger as a zombie until it is reaped: that counts as gone, but
+    only once all its threads have exited. Its main thread turns zombie first, and until the last
+    thread is gone its sockets stay open: the AMQP listener still completes TCP handshakes, and a
+    restart on the same port would take the dying node's listener for the new one's."""
+    if pid is None:
+        return False
+    state = _process_state(pid)
+    if state != "Z":
+        return state not in (None, "X")
+    try:
+        threads = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return False
+    return any(_process_state(f"{pid}/task/{tid}") not in (None, "Z", "X") for tid in threads)
 
 
 class OwnBroker:
@@ -619,11 +642,7 @@ class OwnBroker:
 
     # -- lifecycle -----------------------------------------------------------
     def _port_open(self) -> bool:
-        try:
-            with socket.create_connection((self.host, self.port), timeout=0.5):
-                return True
-        except OSError:
-            return False
+        return accepting(self.host, self.port, timeout=0.5)
 
     def start(self, timeout: float = OWN_BROKER_START_TIMEOUT) -> OwnBroker:
         """Start the node (`rabbitmq-server -detached`) and wait until it is fully booted."""
@@ -653,7 +672,10 @@ class OwnBroker:
                 )
             time.sleep(0.1)
         remaining_ms = max(1000, int((deadline - time.monotonic()) * 1000))
-        out = self.eval(f"R = rabbit:await_startup({remaining_ms}), {{R, node(), os:getpid()}}.")
+        try:
+            out = self.eval(f"R = rabbit:await_startup({remaining_ms}), {{R, node(), os:getpid()}}.")
+        except OwnBrokerError as exc:
+            raise OwnBrokerError(f"{exc}\n--- log ---\n{self.log_tail()}") from exc
         m = re.fullmatch(r"\{ok,'?([^',]+)'?,\"(\d+)\"\}", out)
         if not m:
             raise OwnBrokerError(f"{self.nodename}: unexpected await_startup answer {out!r}")
