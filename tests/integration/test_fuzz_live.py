@@ -16,7 +16,6 @@ worker (set AMQPROXY_TEST_FUZZ_SEED to explore other seeds).
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import random
 import socket
@@ -53,11 +52,6 @@ KNOWN_TRACEBACKS: tuple[str, ...] = ()  # signatures of proxy bugs still open (n
 
 
 # ---------------------------------------------------------------------------- helpers
-
-
-def http_json(proc, path: str):
-    with urllib.request.urlopen(f"http://{proc.host}:{proc.http_port}{path}", timeout=10) as response:
-        return json.loads(response.read())
 
 
 def scrape(proc) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -426,16 +420,22 @@ def test_random_bytes_at_a_live_proxy_while_clients_work(proxy_factory, temp_vho
     assert closed_by_proxy >= len(results) // 2, outcomes
 
     def settled():
-        stats = http_json(proc, "/stats")["totals"]
+        stats = proc.admin_json("/stats")["totals"]
         return (
             stats["clients"] == 0
             and stats["client_channels"] == 0
             and stats["upstream_channels"] == 0
             and stats["handshaking_clients"] == 0
-            and http_json(proc, "/healthz")["clients"] == 0
+            and proc.admin_json("/healthz")["clients"] == 0
         )
 
-    wait_until(settled, timeout=10, interval=0.1, msg=f"sessions or channels left over: {http_json(proc, '/stats')}")
+    try:
+        wait_until(settled, timeout=10, interval=0.1)
+    except AssertionError:
+        channels = [u.get("channel_list") for u in proc.admin_json("/upstreams?channels=1")["connections"]]
+        raise AssertionError(
+            f"sessions or channels left over: {proc.admin_json('/stats')}; upstream channels: {channels}"
+        ) from None
     after = scrape(proc)
     # Closes the proxy decided: each hostile connection it closed, plus none of the well-behaved.
     assert proxy_initiated_closes(after) - proxy_initiated_closes(before) == closed_by_proxy, outcomes
