@@ -24,6 +24,15 @@ def run_async(coro, timeout: float = 30.0):
     return asyncio.run(bounded())
 
 
+def shutdown_both(*socks: socket.socket) -> None:
+    """End a relay's pipe: shut both directions of each socket, whatever state it is in."""
+    for sock in socks:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
 def wait_until(predicate, timeout: float = 5.0, interval: float = 0.02, msg: str = ""):
     """Poll predicate() until truthy; return its value or raise AssertionError."""
     deadline = time.monotonic() + timeout

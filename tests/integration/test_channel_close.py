@@ -19,7 +19,7 @@ import pika
 import pytest
 from pamqp import commands as C
 
-from ._support import RawAMQP, wait_until
+from ._support import RawAMQP, shutdown_both, wait_until
 
 _CHANNEL_OPEN_OK, _CHANNEL_CLOSE, _CHANNEL_CLOSE_OK = (20, 11), (20, 40), (20, 41)
 
@@ -83,11 +83,7 @@ class CrossingRelay:
         except OSError:
             pass
         finally:
-            for sock in (src, dst):
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+            shutdown_both(src, dst)
 
     def _from_broker(self, number: int, channel: int, method) -> bool:
         key = (number, channel)
@@ -140,6 +136,15 @@ def _settled(proc) -> bool:
     return totals["clients"] == 0 and totals["client_channels"] == 0 and totals["upstream_channels"] == 0
 
 
+def _wait_settled(proc) -> None:
+    """No client, client channel or upstream channel is left; else fail with each upstream
+    channel's close flags as they are then."""
+    try:
+        wait_until(lambda: _settled(proc), timeout=5, interval=0.05)
+    except AssertionError:
+        raise AssertionError(f"upstream channel left over: {_upstream_channels(proc)}") from None
+
+
 def _open_upstreams(proc) -> set[int]:
     return {u["id"] for u in proc.admin_json("/upstreams")["connections"] if u["state"] == "open"}
 
@@ -160,12 +165,7 @@ def test_client_close_crossing_a_broker_close_frees_the_upstream_channel(proxy_f
             raw.expect(C.Channel.CloseOk, 1)
             raw.send(C.Channel.CloseOk(), 1)
         raw.close()
-        wait_until(
-            lambda: _settled(proc),
-            timeout=5,
-            interval=0.05,
-            msg=f"upstream channel left over: {_upstream_channels(proc)}",
-        )
+        _wait_settled(proc)
     # The broker's Close is answered with Close-Ok, never with a Close it might not answer.
     assert crossing_relay.closes_after_broker_close == []
     upstreams = _open_upstreams(proc)
@@ -202,7 +202,7 @@ def test_crossing_closes_then_the_channel_id_is_reused(target, names):
     finally:
         raw.close()
     if target.is_proxy:
-        wait_until(lambda: _settled(target.proxy), timeout=5, interval=0.05, msg="channels left over")
+        _wait_settled(target.proxy)
 
 
 @pytest.mark.proxy_only
@@ -228,12 +228,7 @@ def test_client_close_pipelined_behind_a_failing_method(proxy_factory, crossing_
             assert isinstance(frame, C.Channel.CloseOk), frame
             break
         raw.close()
-        wait_until(
-            lambda: _settled(proc),
-            timeout=5,
-            interval=0.05,
-            msg=f"upstream channel left over: {_upstream_channels(proc)}",
-        )
+        _wait_settled(proc)
     upstreams = _open_upstreams(proc)
     assert len(upstreams) == 1, upstreams
     _still_carries_traffic(proc, names)

@@ -34,7 +34,7 @@ from amqproxy.protocol.codec import decode_method, method_id
 from amqproxy.protocol.errors import ProtocolError
 from amqproxy.protocol.frames import FrameReader
 
-from ._support import pika_drain, wait_until
+from ._support import pika_drain, shutdown_both, wait_until
 
 SEED = int(os.environ.get("AMQPROXY_TEST_FUZZ_SEED", "20261126"))
 HOSTILE_PHASE = float(os.environ.get("AMQPROXY_TEST_FUZZ_SECONDS", "8"))  # of hostile traffic (and publishing)
@@ -105,11 +105,7 @@ def capture_client_stream(proc, vhost: str) -> tuple[bytes, bytes]:
             except OSError:
                 pass
             finally:
-                for sock in (src, dst):
-                    try:
-                        sock.shutdown(socket.SHUT_RDWR)
-                    except OSError:
-                        pass
+                shutdown_both(src, dst)
 
         back = threading.Thread(target=pipe, args=(upstream, client, False), daemon=True)
         back.start()
