@@ -31,6 +31,10 @@ pytestmark = [pytest.mark.integration, pytest.mark.proxy_only]
 
 FAULT_BOUND = 5.0  # s: clients must see their connection end within this after the fault
 RECOVERY_BOUND = 10.0  # s: once the node is back, a new client must get through within this
+# The node's breaker opens during each outage and its open period doubles when a probe fails (a
+# node still booting fails it): 5 s, then 10 s +/- 20 %, past RECOVERY_BOUND. Capped at 4 s
+# (4.8 s with jitter), a new client gets through within the bound however the probes fall.
+BREAKER = ("--breaker-open-max", "4")
 CONNECT_TIMEOUT = 3  # --connect-timeout of the proxies that see the node down
 REFUSAL_MARGIN = 2.0
 POLL = 0.02
@@ -259,7 +263,7 @@ def test_stop_app_closes_clients_with_320_then_new_clients_work(own_broker, prox
     connection closure with reason 'shutdown'"; each proxied client with a channel in use gets
     320 naming that, like a direct client; after start_app a new client through the same proxy
     works (over a newly dialled upstream connection)."""
-    proc = proxy_factory("--upstream", own_broker.upstream_url, "--upstream-failure", "close")
+    proc = proxy_factory("--upstream", own_broker.upstream_url, "--upstream-failure", "close", *BREAKER)
     watched.proxied(proc.target())
     watched.pika("direct", own_broker.target())
 
@@ -282,7 +286,13 @@ def test_kill9_closes_clients_with_320_and_refuses_new_ones_until_restart(own_br
     channel in use gets 320 naming the lost upstream, within the bound. While the node is dead a
     new client is refused with 320 within --connect-timeout; after the restart new clients work."""
     proc = proxy_factory(
-        "--upstream", own_broker.upstream_url, "--connect-timeout", str(CONNECT_TIMEOUT), "--upstream-failure", "close"
+        "--upstream",
+        own_broker.upstream_url,
+        "--connect-timeout",
+        str(CONNECT_TIMEOUT),
+        "--upstream-failure",
+        "close",
+        *BREAKER,
     )
     watched.proxied(proc.target())
     watched.pika("direct", own_broker.target())
@@ -306,7 +316,7 @@ def test_hung_node_is_detected_by_missed_upstream_heartbeats(own_broker, proxy_f
     the proxy gives up on the upstream after 2 x 2 s without a frame and closes each client with
     a channel on it with 320 "missed heartbeats" (< 10 s); after SIGCONT new clients work."""
     proc = proxy_factory(
-        "--upstream", own_broker.upstream_url, "--upstream-heartbeat", "2", "--upstream-failure", "close"
+        "--upstream", own_broker.upstream_url, "--upstream-heartbeat", "2", "--upstream-failure", "close", *BREAKER
     )
     watched.proxied(proc.target())
     try:
@@ -328,7 +338,7 @@ def test_new_client_is_refused_quickly_while_the_node_is_down(own_broker, proxy_
     gets the AMQP Connection.Start and then, in place of Connection.Tune, Connection.Close 320
     "CONNECTION_FORCED - upstream unavailable: <cause>", within --connect-timeout + margin.
     After recovery, new clients work."""
-    proc = proxy_factory("--upstream", own_broker.upstream_url, "--connect-timeout", str(CONNECT_TIMEOUT))
+    proc = proxy_factory("--upstream", own_broker.upstream_url, "--connect-timeout", str(CONNECT_TIMEOUT), *BREAKER)
     try:
         if outage == "app stopped":
             _roundtrip(proc.target())  # a pooled upstream exists; the broker closes it on stop_app
@@ -349,7 +359,7 @@ def test_concurrent_clients_are_each_refused_within_connect_timeout(own_broker, 
     """Three clients connecting at once while the node hangs (paused) are each refused with 320
     within --connect-timeout + margin -- not one after the other, the last after 3 x
     --connect-timeout (a burst of short-lived clients is exactly what the proxy is for)."""
-    proc = proxy_factory("--upstream", own_broker.upstream_url, "--connect-timeout", str(CONNECT_TIMEOUT))
+    proc = proxy_factory("--upstream", own_broker.upstream_url, "--connect-timeout", str(CONNECT_TIMEOUT), *BREAKER)
     target = proc.target()
     seen: dict[int, tuple] = {}
 
@@ -386,7 +396,7 @@ def test_new_client_is_not_left_hanging_on_a_stale_pooled_upstream(own_broker, p
     operation -- and not sit on the hung upstream until missed heartbeats (2 x 30 s by default)
     end it: client libraries rarely bound a channel RPC (pika's BlockingChannel does not), so
     the client's own connect timeout, which would have protected it directly, never fires."""
-    proc = proxy_factory("--upstream", own_broker.upstream_url, "--connect-timeout", str(CONNECT_TIMEOUT))
+    proc = proxy_factory("--upstream", own_broker.upstream_url, "--connect-timeout", str(CONNECT_TIMEOUT), *BREAKER)
     target = proc.target()
     _roundtrip(target)  # leaves an idle pooled upstream connection
     budget = CONNECT_TIMEOUT + REFUSAL_MARGIN
