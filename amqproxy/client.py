@@ -32,7 +32,7 @@ from .protocol import proxyproto
 from .protocol.codec import DecodeError, decode_method, encode_method, method_name
 from .protocol.constants import FRAME_END, FRAME_METHOD, REPLY_NAMES
 from .protocol.content import PUBLISH, Run, append_frames, message_run
-from .protocol.errors import ProtocolError
+from .protocol.errors import ProtocolError, reply_text
 from .protocol.frames import (
     FRAME_HEADER_STRUCT,
     HEARTBEAT_FRAME,
@@ -260,6 +260,7 @@ class ClientSession:
             return
         if kind is not None:
             self.close_kind = kind
+        text = reply_text(text)
         self.closing = True
         self.close_reason = text
         self.close_code = reply_code
@@ -578,13 +579,14 @@ class ClientSession:
         self.proxy.metrics.error("upstream_unavailable", "transient", self.vhost)
         self._refuse(
             c.CONNECTION_FORCED,
-            f"CONNECTION_FORCED - upstream unavailable: {exc.text}"[:255],
+            f"CONNECTION_FORCED - upstream unavailable: {exc.text}",
             method,
             "breaker_open" if breaker else "upstream_unavailable",
         )
 
     def _refuse(self, reply_code: int, text: str, method: tuple[int, int], reason: str, **fields: Any) -> None:
         """Refuse the handshake (reasons: auth, vhost, limit, access, upstream_unavailable, breaker_open)."""
+        text = reply_text(text)
         self.proxy.metrics.client_refused(reason)
         log.warning(
             "client refused",
@@ -1170,7 +1172,7 @@ class ClientSession:
             self._begin_recovery(upstream, cause, links or [])
             return
         self.close_kind = "upstream_lost"
-        self.close_connection(c.CONNECTION_FORCED, f"CONNECTION_FORCED - upstream connection lost: {cause}"[:255])
+        self.close_connection(c.CONNECTION_FORCED, f"CONNECTION_FORCED - upstream connection lost: {cause}")
 
     # ------------------------------------------------------------------ recovery (--upstream-failure recover)
 
@@ -1191,10 +1193,8 @@ class ClientSession:
             self.close_kind = "upstream_lost"
             self.close_connection(
                 c.CONNECTION_FORCED,
-                (
-                    f"CONNECTION_FORCED - upstream connection lost: a delivery on channel {cut[0]} was cut in the "
-                    f"middle of its content frames; {cause}"
-                )[:255],
+                f"CONNECTION_FORCED - upstream connection lost: a delivery on channel {cut[0]} was cut in the "
+                f"middle of its content frames; {cause}",
             )
             return
         started = time.monotonic()
@@ -1279,7 +1279,7 @@ class ClientSession:
         log.warning(
             "channel not recovered",
             extra=self._log_extra(
-                "recovery_channel_failed", channel=link.client_channel, reason=reason, reply_text=text[:255]
+                "recovery_channel_failed", channel=link.client_channel, reason=reason, reply_text=reply_text(text)
             ),
         )
         gap = link.upstream
@@ -1297,7 +1297,7 @@ class ClientSession:
         link.c_close_sent = True
         self.outbox.put(
             method_frame(
-                link.client_channel, encode_method(c.CHANNEL_CLOSE, reply_code=reply_code, reply_text=text[:255])
+                link.client_channel, encode_method(c.CHANNEL_CLOSE, reply_code=reply_code, reply_text=reply_text(text))
             )
         )
 
@@ -1326,7 +1326,7 @@ class ClientSession:
                     self.close_connection(
                         c.CONNECTION_FORCED,
                         f"CONNECTION_FORCED - upstream connection lost: {cause}; not recovered within "
-                        f"{self.config.recovery_timeout:g} s ({result[8:] or 'no upstream'})"[:255],
+                        f"{self.config.recovery_timeout:g} s ({result[8:] or 'no upstream'})",
                     )
                     break
                 else:
@@ -1351,7 +1351,7 @@ class ClientSession:
             extra=self._log_extra(
                 "recovery",
                 node=node,
-                cause=cause[:255],
+                cause=reply_text(cause),
                 outcome=outcome,
                 duration_s=round(duration, 3),
                 channels=counts["recovered"] + counts["failed"],
