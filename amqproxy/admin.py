@@ -426,20 +426,7 @@ def _describe_link(link: Link) -> dict[str, Any]:
         "client_channel": link.client_channel,
         "role": link.role,
         "closing": link.closing,
-        "close": {
-            name: getattr(link, name)
-            for name in (
-                "u_close_sent",
-                "u_close_received",
-                "u_close_ok_sent",
-                "u_close_ok_received",
-                "c_close_sent",
-                "c_close_received",
-                "c_close_ok_sent",
-                "c_close_ok_received",
-            )
-            if getattr(link, name)
-        },
+        "close": {"client": link.client_side.value, "upstream": link.upstream_side.value},
         "awaiting_open_ok": link.waiter is not None,
         "replay": link.replay is not None,
     }

@@ -22,13 +22,14 @@ import gevent
 from gevent.event import AsyncResult
 
 from .access import USER_REFUSED_CODE, VHOST_REFUSED_CODE, user_refused_text, vhost_refused_text
-from .channel import CHANNEL_CLOSE_OK, Gap, Link, Replay
+from .channel import Gap, Link, Replay
 from .limits import CLIENT_BYTE_RATE, Decision, Refusal, TokenBucket
 from .metrics import BYTES, CLIENT_TO_UPSTREAM, FORWARD_LATENCY_U2C, FRAMES
 from .outbox import Outbox
 from .pool import ROLE_ANY
 from .protocol import constants as c
 from .protocol import proxyproto
+from .protocol.closing import CloseEvent
 from .protocol.codec import DecodeError, decode_method, encode_method, method_name
 from .protocol.constants import FRAME_END, FRAME_METHOD, REPLY_NAMES
 from .protocol.content import PUBLISH, Run, append_frames, message_run
@@ -361,12 +362,10 @@ class ClientSession:
         for link in links:
             link.client = None
             upstream = link.upstream
-            if upstream is None:
-                continue
-            if upstream.state == "open":
-                upstream.close_channel(link, 200, "client connection closed")
-            else:
+            if upstream is not None and upstream.state != "open":  # a dead connection, or a recovery's gap
                 upstream.release(link)
+                link.close_event(CloseEvent.UPSTREAM_GONE)
+            link.close_event(CloseEvent.CLIENT_GONE, 200, "client connection closed")
 
     def forget(self, link: Link) -> None:
         if self.channels.get(link.client_channel) is link:
@@ -930,14 +929,9 @@ class ClientSession:
 
     def _place(self, link: Link, method: tuple[int, int]) -> bool:
         """First method on a channel: open its upstream channel; returns whether to forward `method`."""
-        if method == c.CHANNEL_CLOSE:
-            # Nothing upstream to close: answer it here.
-            link.begin_close()
-            link.c_close_received = link.c_close_ok_sent = True
-            self.forget(link)
-            self.outbox.put(method_frame(link.client_channel, CHANNEL_CLOSE_OK))
-            return False
-        if method == c.CHANNEL_CLOSE_OK:
+        if method == c.CHANNEL_CLOSE or method == c.CHANNEL_CLOSE_OK:
+            # Nothing upstream to close: a Close is answered here.
+            self._on_closing_channel_method(link, method)
             return False
         if method == c.CHANNEL_OPEN:
             raise ProtocolError(c.CHANNEL_ERROR, "second 'channel.open' seen", method)
@@ -959,7 +953,7 @@ class ClientSession:
             # Closed by another greenlet while we waited: the channel is nobody's now.
             link.client = None
             if opened:
-                upstream.close_channel(link, 200, "client connection closed")
+                link.close_upstream(200, "client connection closed")
             else:
                 upstream.release(link)
             return False
@@ -1000,13 +994,12 @@ class ClientSession:
         self._flush()
         stand_in = Link(None, link.client_channel, old, link.upstream_channel)
         old.links[link.upstream_channel] = stand_in
-        old.close_channel(stand_in, 200, "channel moved to a publishing connection")
+        stand_in.close_upstream(200, "channel moved to a publishing connection")
         if old in self.blocked_by and not any(
             other.upstream is old for other in self.channels.values() if other is not link
         ):
             self.upstream_unblocked(old)
-        link.upstream = None
-        link.upstream_channel = 0
+        link.unplace()
         self.proxy.metrics.channel_moved(self)
         log.debug(
             "channel moved to a publishing connection",
@@ -1027,7 +1020,7 @@ class ClientSession:
             raise ProtocolError(c.FRAME_ERROR, f"cannot decode {method_name(method)}: {exc}", method) from exc
         link.check_control(method, args)
         if method == c.CHANNEL_CLOSE:
-            self._on_client_channel_close(link)
+            link.close_event(CloseEvent.CLIENT_CLOSE)  # forwarded: the broker's Close-Ok answers it
             return True
         if method == c.CHANNEL_CLOSE_OK:
             return False  # nothing to acknowledge on an open channel
@@ -1079,48 +1072,19 @@ class ClientSession:
             return None
         return bytes(buf[start : start + 4]) + _ACK_ARGS.pack(upstream_tag, bits)
 
-    def _on_client_channel_close(self, link: Link) -> None:
-        """The client closes an open channel: the broker's Close-Ok will answer it."""
-        link.begin_close()
-        link.c_close_received = True
-        link.u_close_sent = True
-
     def _on_closing_channel_method(self, link: Link, method: tuple[int, int]) -> None:
-        """On a closing channel only Close and Close-Ok matter (spec 1.5.2.5); the rest is dropped."""
+        """On a closing (or never placed) channel only Close and Close-Ok matter (spec 1.5.2.5);
+        the rest is dropped. A duplicate Close never reaches the shared connection."""
         if link.client is None:
             return  # the session was torn down meanwhile (e.g. while flushing); nothing is ours
-        upstream = link.upstream
-        if upstream is None:  # never placed: only the client side exists
-            if method == c.CHANNEL_CLOSE_OK and link.c_close_sent:
-                link.c_close_ok_received = True
-                self.forget(link)
-            return
         if method == c.CHANNEL_CLOSE:
-            if link.c_close_received:
-                return  # a duplicate Close: never let it reach the shared connection
-            link.c_close_received = True
-            if link.u_close_received and not link.u_close_ok_sent:
-                # The broker closed this channel and the client's Close crossed its Close: the
-                # client is done with the channel, so the broker's Close is answered now. Never
-                # with a Close of ours: RabbitMQ may not answer a Close on a channel it is
-                # closing (its Close-Ok dies with the channel when our Close-Ok follows).
-                link.u_close_ok_sent = True
-                upstream.send_method(link.upstream_channel, c.CHANNEL_CLOSE_OK)
-            link.c_close_ok_sent = True
-            self.outbox.put(method_frame(link.client_channel, CHANNEL_CLOSE_OK))
+            to_client, _ = link.close_event(CloseEvent.CLIENT_CLOSE)
         elif method == c.CHANNEL_CLOSE_OK:
-            if not link.c_close_sent or link.c_close_ok_received:
-                return
-            link.c_close_ok_received = True
-            if link.u_close_received and not link.u_close_ok_sent:
-                link.u_close_ok_sent = True
-                upstream.send_method(link.upstream_channel, c.CHANNEL_CLOSE_OK)
+            to_client, _ = link.close_event(CloseEvent.CLIENT_CLOSE_OK)
         else:
             return
-        if link.upstream_side_done():
-            upstream.release(link)
-        if link.client_side_done():
-            self.forget(link)
+        if to_client:
+            self.outbox.put(to_client)
 
     def _proxy_close_channel(self, link: Link, reply_code: int, detail: str, method: tuple[int, int]) -> None:
         """A channel error decided by the proxy: Close to the client, and the upstream channel closed."""
@@ -1131,23 +1095,11 @@ class ClientSession:
                 "channel_error", channel=link.client_channel, reply_code=reply_code, reply_text=error.text
             ),
         )
-        link.begin_close()
-        link.c_close_sent = True
-        self.outbox.put(
-            method_frame(
-                link.client_channel,
-                encode_method(
-                    c.CHANNEL_CLOSE,
-                    reply_code=reply_code,
-                    reply_text=error.text,
-                    class_id=method[0],
-                    method_id=method[1],
-                ),
-            )
-        )
+        to_client, _ = link.close_event(CloseEvent.CLIENT_ERROR, reply_code, error.text, method)
+        self.outbox.put(to_client)
         if link.upstream is not None:
             self._flush()  # what the client sent before this method goes first
-            link.upstream.close_channel(link, 200, "closed by amqproxy")
+            link.close_upstream(200, "closed by amqproxy")
 
     # ------------------------------------------------------------------ called by upstream readers
 
@@ -1207,12 +1159,9 @@ class ClientSession:
             channel = link.client_channel
             if link.closing:
                 # A close handshake in progress: the lost side answers for the broker.
-                link.upstream = None
-                if link.c_close_received and not link.c_close_ok_sent:
-                    link.c_close_ok_sent = True
-                    outbox.put(method_frame(channel, CHANNEL_CLOSE_OK))
-                if link.client_side_done():
-                    self.forget(link)
+                to_client, _ = link.close_event(CloseEvent.UPSTREAM_GONE)
+                if to_client:
+                    outbox.put(to_client)
                 continue
             tracker = link.confirms
             if tracker is not None:
@@ -1283,23 +1232,14 @@ class ClientSession:
             ),
         )
         gap = link.upstream
-        link.upstream = None
         if isinstance(gap, Gap):
             gap.end()
-        if link.closing:
-            if link.c_close_received and not link.c_close_ok_sent:
-                link.c_close_ok_sent = True
-                self.outbox.put(method_frame(link.client_channel, CHANNEL_CLOSE_OK))
-            if link.client_side_done():
-                self.forget(link)
-            return
-        link.begin_close()
-        link.c_close_sent = True
-        self.outbox.put(
-            method_frame(
-                link.client_channel, encode_method(c.CHANNEL_CLOSE, reply_code=reply_code, reply_text=reply_text(text))
-            )
-        )
+        was_closing = link.closing
+        to_client, _ = link.close_event(CloseEvent.UPSTREAM_GONE)  # the lost side answers for the broker
+        if not was_closing:
+            to_client, _ = link.close_event(CloseEvent.CLIENT_ERROR, reply_code, reply_text(text))
+        if to_client:
+            self.outbox.put(to_client)
 
     def _recover(
         self, node: str, cause: str, started: float, gaps: list[tuple[Link, Gap]], counts: dict[str, int]
@@ -1412,10 +1352,10 @@ class ClientSession:
                 if replay.error:
                     return replay.error
                 if upstream.state == "open":  # no answer in time
-                    upstream.close_channel(stand_in, 200, "recovery timed out")
+                    stand_in.close_upstream(200, "recovery timed out")
                 continue  # the new upstream died too: place again
             if self.closing or link.client is None or link.upstream is not gap:
-                upstream.close_channel(stand_in, 200, "client connection closed")
+                stand_in.close_upstream(200, "client connection closed")
                 return "client_gone"
             # The move: from here to the send nothing yields, so no client frame can overtake.
             stand_in.replay = None

@@ -25,6 +25,7 @@ from .metrics import BYTES, FORWARD_LATENCY_C2U, FRAMES, UPSTREAM_TO_CLIENT
 from .outbox import Outbox
 from .protocol import constants as c
 from .protocol import proxyproto
+from .protocol.closing import CloseEvent
 from .protocol.codec import DecodeError, decode_method, encode_method
 from .protocol.constants import FRAME_END, FRAME_METHOD, REPLY_NAMES
 from .protocol.content import DELIVER, Run, append_frames, message_run
@@ -275,8 +276,7 @@ class Upstream:
             if candidate > channel_max:
                 candidate = 1
             if candidate not in self.links:
-                link.upstream = self
-                link.upstream_channel = candidate
+                link.placed(self, candidate)
                 self.links[candidate] = link
                 self._next_channel = candidate + 1
                 if role is not None and link.client is not None:
@@ -311,18 +311,6 @@ class Upstream:
     def send_method(self, channel: int, method: tuple[int, int], **args: Any) -> None:
         self.send(method_frame(channel, encode_method(method, **args)))
 
-    def close_channel(self, link: Link, reply_code: int = 200, text: str = "closed by amqproxy") -> None:
-        """Close the upstream side of a link exactly once (Close, or Close-Ok if the broker closed first)."""
-        link.begin_close()
-        if link.u_close_received and not link.u_close_ok_sent:
-            link.u_close_ok_sent = True
-            self.send_method(link.upstream_channel, c.CHANNEL_CLOSE_OK)
-        elif not link.u_close_sent and not link.u_close_received:
-            link.u_close_sent = True
-            self.send_method(link.upstream_channel, c.CHANNEL_CLOSE, reply_code=reply_code, reply_text=text)
-        if link.upstream_side_done():
-            self.release(link)
-
     def delete_queues(self, names: list[str]) -> None:
         """Delete exclusive queues left by a departed client, each on a fresh channel of its own."""
         for name in names:
@@ -334,13 +322,11 @@ class Upstream:
                 )
                 return
             ch = link.upstream_channel
-            link.begin_close()
-            link.u_close_sent = True
             self.send(
                 method_frame(ch, encode_method(c.CHANNEL_OPEN))
                 + method_frame(ch, encode_method(c.QUEUE_DELETE, queue=name, nowait=True))
-                + method_frame(ch, encode_method(c.CHANNEL_CLOSE, reply_code=200, reply_text="exclusive queue cleanup"))
             )
+            link.close_upstream(200, "exclusive queue cleanup")
 
     # ------------------------------------------------------------------ reading
 
@@ -433,7 +419,7 @@ class Upstream:
                                 rewritten = self._on_watched(link, method, view[start:end])
                                 if not rewritten:
                                     continue
-                            elif link.closing and link.c_close_sent:
+                            elif link.closing and link.client_not_listening:
                                 continue
                             elif method in _DELIVERIES and link.client is not None:
                                 link.client.messages_out += 1
@@ -459,7 +445,7 @@ class Upstream:
                                 link.body_due = unpack_body_size(buf, start + 4)[0]
                             else:
                                 link.body_due -= size
-                            if link.closing and link.c_close_sent:
+                            if link.closing and link.client_not_listening:
                                 continue
                         client = link.client
                         if client is None or client.closing:
@@ -532,40 +518,21 @@ class Upstream:
         if method in _CONFIRMS:
             return self._on_confirm(link, payload)
         if method == c.CHANNEL_CLOSE_OK:
-            if not link.u_close_sent or link.u_close_ok_received:
-                return False  # a late answer to a Close that crossed the broker's (see below)
-            link.u_close_ok_received = True
-            answer_client = client is not None and link.c_close_received and not link.c_close_ok_sent
-            if answer_client:
-                link.c_close_ok_sent = True
-            self._settle(link)
-            return answer_client
+            return self._close_event(link, CloseEvent.BROKER_CLOSE_OK)
         if method == c.CHANNEL_CLOSE:
-            link.begin_close()
-            link.u_close_received = True
             # Declares the broker will now never answer: drop the names reserved for them.
             for _exclusive, reserved in link.pending_declares:
                 if reserved is not None and client is not None:
                     self.pool.exclusive.remove_if_owner(self.vhost or "", reserved, client)
             link.pending_declares.clear()
             link.record.pending.clear()
-            if client is None or link.c_close_sent or link.c_close_received or client.closing:
-                # Nobody to tell (client gone, or the proxy is closing the client side already).
-                link.u_close_ok_sent = True
-                self.send_method(link.upstream_channel, c.CHANNEL_CLOSE_OK)
-                answer: bool | bytes = False  # or a Close-Ok for the client
-                if link.u_close_sent and not link.u_close_ok_received:
-                    # Our Close crossed the broker's. RabbitMQ answers such a Close from a channel
-                    # that our Close-Ok stops, so its Close-Ok may never come: the channel is
-                    # closed both ways now (a late Close-Ok is dropped above).
-                    link.u_close_ok_received = True
-                    if client is not None and link.c_close_received and not link.c_close_ok_sent:
-                        link.c_close_ok_sent = True
-                        answer = CHANNEL_CLOSE_OK  # the client's own Close is answered
-                self._settle(link)
-                return answer
-            link.c_close_sent = True
-            return True
+            return self._close_event(link, CloseEvent.BROKER_CLOSE)
+        if method == c.CHANNEL_OPEN_OK:
+            # The proxy answered the client's channel.open itself (placement is deferred to the
+            # channel's first method), so this reply is the proxy's own.
+            if link.waiter is not None:
+                link.waiter.set(True)
+            return False
         name = ""
         forward: bool | bytes = True
         if method == c.QUEUE_DECLARE_OK:
@@ -578,20 +545,14 @@ class Upstream:
                     # Its client is gone or leaving: the queue must not outlive it on this
                     # shared connection.
                     self.delete_queues([name])
-            forward = not link.c_close_sent
+            forward = not link.client_not_listening
         elif method == c.QUEUE_DELETE_OK:
             if link.pending_deletes:
                 self.pool.exclusive.remove(self.vhost or "", link.pending_deletes.popleft())
-            forward = not link.c_close_sent
-        elif link.closing and link.c_close_sent:
+            forward = not link.client_not_listening
+        elif link.closing and link.client_not_listening:
             # The client was sent a Close (by the broker or the proxy): only Close-Ok matters now.
             # After the client's own Close, replies still in flight (commit-ok...) go through.
-            return False
-        elif method == c.CHANNEL_OPEN_OK:
-            # The proxy answered the client's channel.open itself (placement is deferred to the
-            # channel's first method), so this reply is the proxy's own.
-            if link.waiter is not None:
-                link.waiter.set(True)
             return False
         elif method == c.BASIC_CONSUME_OK:
             _, args = decode_method(payload)
@@ -623,7 +584,7 @@ class Upstream:
     def _on_confirm(self, link: Link, payload: memoryview) -> bool | bytes:
         """basic.ack/nack from the broker (publisher confirms): bookkeeping only once the channel
         went through a recovery (then renumbered into the client's sequence)."""
-        if link.closing and link.c_close_sent:
+        if link.closing and link.client_not_listening:
             return False
         tracker = link.confirms
         if tracker is None:
@@ -642,27 +603,24 @@ class Upstream:
         if method == c.CHANNEL_CLOSE:
             _, args = decode_method(payload)
             replay.error = f"{args['reply_code']} {args['reply_text']}"
-            link.begin_close()
-            link.u_close_received = link.u_close_ok_sent = True
-            self.send_method(link.upstream_channel, c.CHANNEL_CLOSE_OK)
-            self.release(link)
+            link.close_event(CloseEvent.BROKER_CLOSE)
             if link.waiter is not None:
                 link.waiter.set(False)
         elif method == c.CHANNEL_CLOSE_OK:
-            link.u_close_ok_received = True
-            self._settle(link)
+            link.close_event(CloseEvent.BROKER_CLOSE_OK)
         elif method == BASIC_QOS_OK:
             replay.remaining -= 1
             if replay.remaining <= 0 and link.waiter is not None:
                 link.waiter.set(True)
         return False
 
-    def _settle(self, link: Link) -> None:
-        if link.upstream_side_done():
-            self.release(link)
-            client = link.client
-            if client is not None and link.client_side_done():
-                client.forget(link)
+    @staticmethod
+    def _close_event(link: Link, event: CloseEvent) -> bool | bytes:
+        """A Close or Close-Ok from the broker: what the read loop passes on to the client (the
+        broker's frame, or a Close-Ok of ours answering the client's own Close)."""
+        to_client, forward = link.close_event(event)
+        # A broker Close or Close-Ok yields no Close of ours for the client, at most a Close-Ok.
+        return CHANNEL_CLOSE_OK if to_client else forward
 
     def _unblock_all(self) -> None:
         """The block is over (or this connection is): tell every client that was told it began,
