@@ -1,4 +1,10 @@
-"""Link: one client channel mapped onto one upstream channel, and how it closes.
+"""Where the two legs of the proxy meet: one client channel mapped onto one upstream channel.
+
+`Link` is that mapping. A client session (client.py) and an upstream connection (upstream.py)
+never import each other: each reaches the other only through a link, typed by the narrow
+interfaces here, `ClientLeg` (what an upstream and a channel may call on the client) and
+`ChannelSink` (where a channel's frames go: an upstream connection, or the `Gap` that holds
+them while a recovery re-establishes the channel).
 
 A channel is closed exactly once on each side: `client_side` and `upstream_side` are the two
 states of `protocol.closing`, and `close_event` is the one place they change, through its
@@ -10,7 +16,7 @@ caller puts in order with the other frames of its read.
 from __future__ import annotations
 
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from gevent.event import AsyncResult, Event
 
@@ -18,17 +24,70 @@ from .protocol import constants as c
 from .protocol.closing import TABLE, ClientSide, CloseEvent, Effect, UpstreamSide, is_closing
 from .protocol.codec import encode_method
 from .protocol.frames import method_frame
-from .protocol.rules import ChannelGuard
-from .recovery import ChannelRecord, ConfirmTracker
+from .protocol.rules import ChannelGuard, Role
+from .recovery import ChannelRecord, ConfirmTracker, Topology
 
 CHANNEL_CLOSE_OK = encode_method(c.CHANNEL_CLOSE_OK)  # the payload of a Channel.Close-Ok
 # The client side of a channel that was sent a Close (or is over): the broker's frames for it
 # are dropped, only the close handshakes matter (spec 1.5.2.5).
 _CLIENT_NOT_LISTENING = frozenset({ClientSide.CLOSE_SENT, ClientSide.CROSSED, ClientSide.DONE})
 
-if TYPE_CHECKING:
-    from .client import ClientSession
-    from .upstream import Upstream
+
+class ChannelSink(Protocol):
+    """Where a channel's frames go: an upstream connection, or a recovery's gap."""
+
+    max_body: int  # body frames larger than this are split on the way in
+
+    @property
+    def alive(self) -> bool:
+        """An open connection to the broker (a gap is not one: what it holds waits)."""
+
+    def send(self, data: bytes | bytearray, received_at: float = 0.0) -> None:
+        """Whole frames, already on this sink's channel ids."""
+
+    def send_method(self, channel: int, method: tuple[int, int], **args: Any) -> None:
+        """One method frame, encoded here."""
+
+    def release(self, link: Link) -> None:
+        """The channel id of `link` is free again (no reply for it can come any more)."""
+
+    def backed_up(self) -> bool:
+        """More is queued than the sink takes: its producer waits before reading more."""
+
+    def wait_for_room(self, timeout: float) -> bool:
+        """Block until the backlog is low again (True) or `timeout` passes (False)."""
+
+
+class BlockingUpstream(Protocol):
+    """An upstream connection that told a client it is blocked (connection.blocked)."""
+
+    def forget_blocked(self, client: ClientLeg) -> None:
+        """The client is gone: it needs no connection.unblocked any more."""
+
+
+class ClientLeg(Protocol):
+    """A client session as its upstream connections and channels see it."""
+
+    id: str  # for logs and the admin API
+    closing: bool  # a Connection.Close is under way: only Close-Ok may still reach it
+    max_body: int  # the client's frame_max less the frame overhead: larger bodies are split
+    capabilities: frozenset[str]  # from its StartOk (consumer_cancel_notify, connection.blocked...)
+    topology: Topology  # what it declared, recorded when the broker accepts it (for recovery)
+
+    def deliver(self, data: bytes | bytearray, received_at: float) -> None:
+        """Whole frames for the client, already on its channel ids; never blocks the caller."""
+
+    def forget(self, link: Link) -> None:
+        """The client channel id of `link` is free again."""
+
+    def upstream_lost(self, upstream: ChannelSink, node: str, cause: str, links: list[Link]) -> None:
+        """`upstream` (to `node`) died with these channels of the client on it."""
+
+    def upstream_blocked(self, upstream: BlockingUpstream, reason: str) -> bool:
+        """The broker blocked `upstream` (connection.blocked); whether the client was told."""
+
+    def upstream_unblocked(self, upstream: BlockingUpstream) -> None:
+        """The block of `upstream` is over."""
 
 
 class Link(ChannelGuard):
@@ -59,7 +118,7 @@ class Link(ChannelGuard):
     )
 
     def __init__(
-        self, client: ClientSession | None, client_channel: int, upstream: Upstream | None, upstream_channel: int
+        self, client: ClientLeg | None, client_channel: int, upstream: ChannelSink | None, upstream_channel: int
     ) -> None:
         super().__init__()
         self.client = client
@@ -80,7 +139,7 @@ class Link(ChannelGuard):
         self.content = bytearray()
         self.waiter: AsyncResult | None = None  # set by the proxy's own round trips (health checks)
         self.record = ChannelRecord()  # settings, consumers, unanswered requests (control path only)
-        self.role: str | None = None  # publish / consume: where it was placed, and is placed again
+        self.role: Role | None = None  # where it was placed, and is placed again
         self.delivered = 0  # deliveries to the client: the last delivery tag it saw
         self.tag_offset = 0  # client tag = broker tag + offset; non-zero only after a recovery
         self.confirm = False  # confirm.select sent: publishes are counted
@@ -99,7 +158,7 @@ class Link(ChannelGuard):
         """The client was sent a Close (or its side is over): the broker's frames are dropped."""
         return self.client_side in _CLIENT_NOT_LISTENING
 
-    def placed(self, upstream: Upstream, upstream_channel: int) -> None:
+    def placed(self, upstream: ChannelSink, upstream_channel: int) -> None:
         """The channel now has a fresh upstream channel."""
         self.upstream = upstream
         self.upstream_channel = upstream_channel
@@ -171,26 +230,24 @@ class Replay:
 
 class Gap:
     """Where a recovering channel's frames go until its new upstream channel is ready: they are
-    held (in the client's own channel id) and forwarded afterwards. Duck-types the parts of
-    `Upstream` (and of its outbox) that the client's forwarding loop uses, so that the hot path
-    has no recovery branch: past `limit` bytes the client is not read until the gap ends."""
+    held (in the client's own channel id) and forwarded afterwards. A `ChannelSink` like an
+    upstream connection, so that the hot path has no recovery branch: past `limit` bytes it is
+    backed up, and the client is not read until the gap ends."""
 
-    __slots__ = ("held", "resend", "high_watermark", "max_body", "state", "outbox", "_room")
+    __slots__ = ("held", "resend", "limit", "max_body", "_room")
+    alive = False  # not a connection: nothing held is written anywhere until the gap ends
 
     def __init__(self, limit: int, max_body: int, resend: list[bytes]) -> None:
         self.held = bytearray()
         # Requests the lost upstream never answered (payloads): sent again before `held`, whose
         # own requests are not among them.
         self.resend = resend
-        self.high_watermark = limit
+        self.limit = limit
         self.max_body = max_body
-        self.state = "recovering"
-        self.outbox = self  # the forwarding loop checks `upstream.outbox.buffered` for backpressure
         self._room = Event()
 
-    @property
-    def buffered(self) -> int:
-        return len(self.held)
+    def backed_up(self) -> bool:
+        return len(self.held) > self.limit
 
     def send(self, data: bytes | bytearray, received_at: float = 0.0) -> None:
         self.held += data
@@ -206,5 +263,4 @@ class Gap:
 
     def end(self) -> None:
         """The gap is over (recovered or failed): a client waiting for room reads on."""
-        self.state = "closed"
         self._room.set()

@@ -8,19 +8,20 @@ writing it. The reader routes each frame by upstream channel id to the owning cl
 
 from __future__ import annotations
 
+import enum
 import logging
 import socket
 import ssl
 import struct
 import time
 from collections import defaultdict
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import gevent
 from gevent.event import AsyncResult
 
 from . import tls
-from .channel import CHANNEL_CLOSE_OK, Link
+from .channel import CHANNEL_CLOSE_OK, ClientLeg, Link
 from .metrics import BYTES, FORWARD_LATENCY_C2U, FRAMES, UPSTREAM_TO_CLIENT
 from .outbox import Outbox
 from .protocol import constants as c
@@ -39,12 +40,14 @@ from .protocol.frames import (
     method_frame,
 )
 from .protocol.handshake import Credentials, negotiate, start_ok_payload, tune_ok_payload
+from .protocol.rules import Role
 from .recovery import BASIC_QOS_OK, REPLY_METHODS, delivery_tag_position, shift_tag
 
 if TYPE_CHECKING:
-    from .client import ClientSession
-    from .config import Node
-    from .pool import Pool
+    from .config import Config, Node
+    from .exclusive import ExclusiveQueues
+    from .metrics import Metrics
+    from .nodes import NodeSet
 
 log = logging.getLogger("amqproxy.upstream")
 
@@ -71,6 +74,29 @@ _U64 = struct.Struct(">Q")
 _DELIVERIES = frozenset({c.BASIC_DELIVER, c.BASIC_GET_OK})
 
 
+class UpstreamState(str, enum.Enum):
+    NEW = "new"  # dialling: TCP, TLS, the protocol header
+    LOGGED_IN = "logged-in"  # Start/StartOk/Tune/TuneOk done: the credentials are proven
+    OPEN = "open"  # Connection.Open done: carries channels
+    CLOSING = "closing"  # our Connection.Close sent, awaiting Close-Ok
+    CLOSED = "closed"
+
+
+class UpstreamPool(Protocol):
+    """What an upstream connection uses of the pool that owns it."""
+
+    config: Config
+    metrics: Metrics | None
+    exclusive: ExclusiveQueues
+    nodes: NodeSet
+    pid: int
+    closing: set[Upstream]  # sent Connection.Close, awaiting Close-Ok
+
+    def forget(self, upstream: Upstream) -> None: ...
+
+    def upstream_gone(self, upstream: Upstream, unexpected: bool, wanted: bool) -> None: ...
+
+
 class UpstreamError(Exception):
     """The broker could not be reached or refused us.
 
@@ -86,7 +112,7 @@ class UpstreamError(Exception):
 
 
 class Upstream:
-    def __init__(self, pool: Pool, node: Node, credentials: Credentials, upstream_id: int) -> None:
+    def __init__(self, pool: UpstreamPool, node: Node, credentials: Credentials, upstream_id: int) -> None:
         self.pool = pool
         self.node = node
         self.credentials = credentials
@@ -94,7 +120,7 @@ class Upstream:
         self.vhost: str | None = None
         self.sock: socket.socket | None = None
         self.outbox: Outbox | None = None
-        self.state = "new"  # new -> logged-in -> open -> closing -> closed
+        self.state = UpstreamState.NEW
         self.channel_max = 0  # what this connection carries: min(broker, --max-channels-per-upstream)
         self.broker_channel_max = 0  # what the broker allows a connection
         self.frame_max = 0
@@ -108,14 +134,14 @@ class Upstream:
         self.last_recv = self.created
         self.blocked_reason: str | None = None
         self.close_cause = ""
-        self.role: str | None = None  # role of its client channels (publish/consume); None when empty
-        self.blocked_clients: set[ClientSession] = set()  # clients sent connection.blocked for us
+        self.role: Role | None = None  # role of its client channels; None when it has none
+        self.blocked_clients: set[ClientLeg] = set()  # clients sent connection.blocked for us
         self.counted = False  # counted in its node's connection count
         self._reader: gevent.Greenlet | None = None
         self._handshake = FrameReader(c.PRE_TUNE_FRAME_MAX)
 
     def __repr__(self) -> str:
-        return f"Upstream(u{self.id} {self.node.label} {self.state})"
+        return f"Upstream(u{self.id} {self.node.label} {self.state.value})"
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -154,7 +180,7 @@ class Upstream:
             self.max_body = self.frame_max - c.FRAME_OVERHEAD
             self.heartbeat = cfg.upstream_heartbeat
             self._send_handshake(tune_ok_payload(self.channel_max, self.frame_max, self.heartbeat))
-            self.state = "logged-in"
+            self.state = UpstreamState.LOGGED_IN
         except UpstreamError:
             self.abort()
             raise
@@ -176,7 +202,7 @@ class Upstream:
         assert self.sock is not None
         self.sock.settimeout(None)
         self.vhost = vhost
-        self.state = "open"
+        self.state = UpstreamState.OPEN
         self.last_recv = self.idle_since = time.monotonic()
         self.outbox = Outbox(
             self.sock,
@@ -238,7 +264,7 @@ class Upstream:
 
     def abort(self) -> None:
         """Drop a connection that never reached the pool (failed or stale handshake)."""
-        self.state = "closed"
+        self.state = UpstreamState.CLOSED
         self.pool.upstream_gone(self, unexpected=False, wanted=False)
         if self.sock is not None:
             try:
@@ -249,10 +275,14 @@ class Upstream:
     # ------------------------------------------------------------------ channels
 
     @property
-    def has_room(self) -> bool:
-        return self.state == "open" and len(self.links) < self.channel_max
+    def alive(self) -> bool:
+        return self.state is UpstreamState.OPEN
 
-    def accepts(self, role: str, now: float) -> bool:
+    @property
+    def has_room(self) -> bool:
+        return self.state is UpstreamState.OPEN and len(self.links) < self.channel_max
+
+    def accepts(self, role: Role, now: float) -> bool:
         """Can a new client channel of `role` go here? Not when full, past --upstream-max-age,
         or carrying channels of the other role."""
         if not self.has_room:
@@ -264,7 +294,7 @@ class Upstream:
             return False
         return self.role is None or self.role == role
 
-    def attach(self, link: Link, role: str | None = None) -> bool:
+    def attach(self, link: Link, role: Role | None = None) -> bool:
         """Give `link` a fresh upstream channel id (never one in use or awaiting Close-Ok)."""
         if not self.has_room:
             return False
@@ -307,6 +337,13 @@ class Upstream:
     def send(self, data: bytes | bytearray, received_at: float = 0.0) -> None:
         if self.outbox is not None:
             self.outbox.put(data, received_at)
+
+    def backed_up(self) -> bool:
+        outbox = self.outbox
+        return outbox is not None and outbox.buffered > outbox.high_watermark
+
+    def wait_for_room(self, timeout: float) -> bool:
+        return self.outbox is None or self.outbox.wait_for_room(timeout)
 
     def send_method(self, channel: int, method: tuple[int, int], **args: Any) -> None:
         self.send(method_frame(channel, encode_method(method, **args)))
@@ -352,13 +389,13 @@ class Upstream:
                     raise ConnectionResetError("connection closed by the broker")
                 received_at = self.last_recv = time.monotonic()
                 reader.feed(data)
-                batches: defaultdict[ClientSession, bytearray] = defaultdict(bytearray)
+                batches: defaultdict[ClientLeg, bytearray] = defaultdict(bytearray)
                 buf = reader.buffer
                 available = len(buf)
                 pos = reader.pos
                 # Frames whose channel id is the same on both legs are copied verbatim, a whole
                 # contiguous run for one client at a time: [run_start, run_end) for run_client.
-                run_client: ClientSession | None = None
+                run_client: ClientLeg | None = None
                 run_start = run_end = 0
                 with memoryview(buf) as view:
                     while available - pos >= 7:
@@ -384,9 +421,7 @@ class Upstream:
                                 and message_run(buf, pos, available, channel, DELIVER, max_frame, client.max_body, run)
                             ):
                                 run.count(pos, frame_counts, byte_counts)
-                                messages = run.messages
-                                client.messages_out += messages
-                                link.delivered += messages
+                                link.delivered += run.messages
                                 if link.client_channel == channel:
                                     if client is run_client and pos == run_end:
                                         run_end = run.end
@@ -422,7 +457,6 @@ class Upstream:
                             elif link.closing and link.client_not_listening:
                                 continue
                             elif method in _DELIVERIES and link.client is not None:
-                                link.client.messages_out += 1
                                 link.delivered += 1
                                 if link.tag_offset:  # only on a channel that went through a recovery
                                     rewritten = shift_tag(
@@ -479,7 +513,7 @@ class Upstream:
             if isinstance(exc, (ProtocolError, DecodeError)) and self.pool.metrics is not None:
                 reason = REPLY_NAMES.get(getattr(exc, "reply_code", 501), "frame_error").lower()
                 self.pool.metrics.frame_failed(UPSTREAM_TO_CLIENT, reason)
-            if self.state != "closed":
+            if self.state is not UpstreamState.CLOSED:
                 self.fail(f"connection to {self.node.label} lost: {_describe(exc)}")
             self._finish()
         except gevent.GreenletExit:
@@ -505,7 +539,7 @@ class Upstream:
         elif method == c.CONNECTION_BLOCKED:
             self.blocked_reason = args["reason"]
             for client in self.clients():
-                client.upstream_blocked(self, args["reason"])
+                self.tell_blocked(client)
         elif method == c.CONNECTION_UNBLOCKED:
             self._unblock_all()
 
@@ -573,7 +607,6 @@ class Upstream:
             link.swallow_qos_ok -= 1  # the answer to a basic.qos replayed by a recovery
             return False
         elif method == c.BASIC_GET_OK and client is not None:
-            client.messages_out += 1
             link.delivered += 1
             if link.tag_offset:
                 position = delivery_tag_position(method, payload, 0)
@@ -622,6 +655,18 @@ class Upstream:
         # A broker Close or Close-Ok yields no Close of ours for the client, at most a Close-Ok.
         return CHANNEL_CLOSE_OK if to_client else forward
 
+    def tell_blocked(self, client: ClientLeg) -> None:
+        """A client with channels here learns of the block (if it asked for connection.blocked)."""
+        if self.blocked_reason is not None and client.upstream_blocked(self, self.blocked_reason):
+            self.blocked_clients.add(client)
+
+    def forget_blocked(self, client: ClientLeg) -> None:
+        self.blocked_clients.discard(client)
+
+    def replace_link(self, channel: int, link: Link) -> None:
+        """Upstream channel `channel` now belongs to `link` (a channel moving on or off it)."""
+        self.links[channel] = link
+
     def _unblock_all(self) -> None:
         """The block is over (or this connection is): tell every client that was told it began,
         whether or not it still has channels here."""
@@ -630,14 +675,14 @@ class Upstream:
         for client in blocked:
             client.upstream_unblocked(self)
 
-    def clients(self) -> set[ClientSession]:
+    def clients(self) -> set[ClientLeg]:
         return {link.client for link in self.links.values() if link.client is not None}
 
     # ------------------------------------------------------------------ liveness and closing
 
     def tick(self, now: float) -> None:
         """Called by the janitor about once a second: heartbeats on this leg."""
-        if self.state != "open" or not self.heartbeat or self.outbox is None:
+        if self.state is not UpstreamState.OPEN or not self.heartbeat or self.outbox is None:
             return
         if now - self.last_recv > 2 * self.heartbeat:
             self.fail(
@@ -651,10 +696,10 @@ class Upstream:
     def close(self, reason: str, kind: str, grace: float = 5.0) -> None:
         """Close cleanly (Connection.Close 200); only called once no client channel is attached.
         `kind` is the metric reason: idle_timeout, max_age or shutdown."""
-        if self.state != "open":
+        if self.state is not UpstreamState.OPEN:
             return
         self._count_closed(kind)
-        self.state = "closing"
+        self.state = UpstreamState.CLOSING
         self.close_cause = reason
         self.pool.forget(self)
         self.pool.closing.add(self)
@@ -669,18 +714,18 @@ class Upstream:
         """The connection is gone. Every client with a channel on it is told, with its channels
         here: it recovers them (`--upstream-failure recover`) or is closed with 320 and the cause.
         `kind` is the metric reason: lost, broker_closed, heartbeat_timeout or health_check."""
-        if self.state == "closed":
+        if self.state is UpstreamState.CLOSED:
             return
-        if self.state == "open":
+        if self.state is UpstreamState.OPEN:
             self._count_closed(kind)
             metrics = self.pool.metrics
             if metrics is not None:
                 metrics.error("upstream_lost", "transient", self.vhost)
-        was_open = self.state == "open"
-        self.state = "closed"
+        was_open = self.state is UpstreamState.OPEN
+        self.state = UpstreamState.CLOSED
         self.close_cause = cause
         # Clients with channels here, and clients whose exclusive queues died with it.
-        lost: dict[ClientSession, list[Link]] = {client: [] for client in self.pool.exclusive.owners_on(self)}
+        lost: dict[ClientLeg, list[Link]] = {client: [] for client in self.pool.exclusive.owners_on(self)}
         for link in self.links.values():
             if link.client is not None:
                 lost.setdefault(link.client, []).append(link)
@@ -704,7 +749,7 @@ class Upstream:
             )
         self.pool.exclusive.forget_upstream(self)
         for client, links in lost.items():
-            client.upstream_lost(self, cause, links)
+            client.upstream_lost(self, self.node.label, cause, links)
         if close_socket:
             self._finish()
 
@@ -714,7 +759,7 @@ class Upstream:
             metrics.upstream_closed(self.node.label, kind)
 
     def _finish(self) -> None:
-        self.state = "closed"
+        self.state = UpstreamState.CLOSED
         if self.blocked_clients:
             self._unblock_all()
         self.pool.closing.discard(self)

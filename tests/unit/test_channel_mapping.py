@@ -11,7 +11,7 @@ from amqproxy.protocol.closing import CloseEvent
 from amqproxy.protocol.codec import decode_method, encode_method
 from amqproxy.protocol.frames import method_frame
 from amqproxy.protocol.handshake import Credentials
-from amqproxy.upstream import Upstream
+from amqproxy.upstream import Upstream, UpstreamState
 
 
 def make_upstream(channel_max=3):
@@ -20,7 +20,7 @@ def make_upstream(channel_max=3):
     pool = SimpleNamespace(config=config, pid=1, exclusive=ExclusiveQueues(), forget=lambda u: None, nodes=nodes)
     pool.upstream_gone = lambda u, unexpected, wanted: None
     upstream = Upstream(pool, Node("127.0.0.1", 5672, False), Credentials("guest", "guest"), 1)
-    upstream.state = "open"
+    upstream.state = UpstreamState.OPEN
     upstream.channel_max = channel_max
     return upstream
 
@@ -142,7 +142,7 @@ def test_a_link_without_a_client_has_no_client_side():
 
 
 class _Client:
-    exclusive_upstream = None
+    pass
 
 
 def test_exclusive_queues_follow_their_client():
