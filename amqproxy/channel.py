@@ -164,6 +164,17 @@ class Link(ChannelGuard):
         self.upstream_channel = upstream_channel
         self.upstream_side = UpstreamSide.OPEN
 
+    def hold_in(self, gap: Gap) -> None:
+        """A recovery holds the channel's frames (in the client's own channel id) until it moves."""
+        self.upstream = gap
+        self.upstream_channel = self.client_channel
+
+    def moved_to(self, upstream: ChannelSink, upstream_channel: int) -> None:
+        """Recovered onto a fresh upstream channel; the close state carries over (a Close held
+        in the gap goes out on the new channel)."""
+        self.upstream = upstream
+        self.upstream_channel = upstream_channel
+
     def unplace(self) -> None:
         """The channel leaves its upstream channel (to get a fresh one elsewhere)."""
         self.upstream = None

@@ -102,13 +102,15 @@ class UpstreamError(Exception):
 
     `reply_code` is the broker's AMQP code when it answered (403, 530...), else 0. `permanent`
     failures (credentials, vhost, permissions) are not worth retrying on another node.
+    `breaker_open`: nothing was tried, every node's circuit breaker is open.
     """
 
-    def __init__(self, text: str, reply_code: int = 0, permanent: bool = False) -> None:
+    def __init__(self, text: str, reply_code: int = 0, permanent: bool = False, breaker_open: bool = False) -> None:
         super().__init__(text)
         self.text = text
         self.reply_code = reply_code
         self.permanent = permanent
+        self.breaker_open = breaker_open  # refused at once: every node's circuit breaker is open
 
 
 class Upstream:
@@ -662,6 +664,11 @@ class Upstream:
 
     def forget_blocked(self, client: ClientLeg) -> None:
         self.blocked_clients.discard(client)
+
+    def assign_role(self, role: Role) -> None:
+        """The role of the channels this connection carries, if it carries none yet."""
+        if self.role is None:
+            self.role = role
 
     def replace_link(self, channel: int, link: Link) -> None:
         """Upstream channel `channel` now belongs to `link` (a channel moving on or off it)."""
