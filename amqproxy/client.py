@@ -17,26 +17,23 @@ import os
 import socket
 import struct
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import gevent
 
-from .admission import Admission, Verdict
+from .admission import Admission
 from .client_channels import ClientChannels
+from .client_handshake import HandshakeDriver, Refused, SessionHost
 from .limits import CLIENT_BYTE_RATE, TokenBucket
 from .metrics import BYTES, CLIENT_TO_UPSTREAM, FORWARD_LATENCY_U2C, FRAMES
 from .outbox import Outbox
 from .protocol import constants as c
-from .protocol import proxyproto
 from .protocol.connection import (
-    Authenticate,
     ClientClosed,
     ClientConnection,
     ConnectionState,
-    Ended,
-    OpenVhost,
-    Refuse,
     SecretUpdated,
     Send,
 )
@@ -44,16 +41,10 @@ from .protocol.constants import FRAME_END, FRAME_METHOD, REPLY_NAMES
 from .protocol.content import PUBLISH, Run, append_frames, message_run
 from .protocol.errors import ProtocolError, reply_text
 from .protocol.frames import FRAME_HEADER_STRUCT, HEARTBEAT_FRAME, VALID_FRAME_TYPES, append_split_body, method_frame
-from .protocol.handshake import Credentials, negotiate
+from .protocol.handshake import Credentials
 from .protocol.rules import EXPECT_METHOD, Role, check_ack_layout
-from .upstream import UpstreamError
 
 if TYPE_CHECKING:
-    from .access import AddressFilter
-    from .config import Config
-    from .limits import Limits
-    from .metrics import Metrics
-    from .pool import Pool
     from .tls import PeerInfo
 
 log = logging.getLogger("amqproxy.client")
@@ -76,44 +67,20 @@ def _short_method_text(payload: memoryview) -> str:
     return f"type 1, all octets = <<{octets}>>: unknown_frame"
 
 
-class SessionHost(Protocol):
-    """What a client session uses of the proxy that accepted it (server.Proxy)."""
-
-    @property
-    def config(self) -> Config:
-        """The configuration in force now (a reload replaces it)."""
-
-    @property
-    def pool(self) -> Pool: ...
-
-    @property
-    def metrics(self) -> Metrics: ...
-
-    @property
-    def limits(self) -> Limits: ...
-
-    @property
-    def address_filter(self) -> AddressFilter: ...
-
-    def forget(self, session: ClientSession) -> None:
-        """The session has ended."""
-
-    def wait_if_paused(self, vhost: str) -> bool:
-        """Hold the caller while `vhost` is paused; False if it stayed paused too long."""
-
-
-class _Refused(Exception):
-    """The handshake ends here; the client has been told why (or the socket just closes).
-    `timed_out`: the client took longer than its --handshake-timeout (counted by `run`)."""
-
-    def __init__(self, text: str, timed_out: bool = False) -> None:
-        super().__init__(text)
-        self.timed_out = timed_out
-
-
-class ClientSession(ClientChannels):
-    def __init__(self, proxy: SessionHost, sock: socket.socket, address: tuple[Any, ...]) -> None:
+class ClientSession(ClientChannels, HandshakeDriver):
+    def __init__(
+        self,
+        proxy: SessionHost,
+        sock: socket.socket,
+        address: tuple[Any, ...],
+        on_end: Callable[[ClientSession], None],
+        tls: PeerInfo | None = None,
+        source: tuple[str, int] | None = None,
+    ) -> None:
+        """`on_end` is called once the session is torn down; `tls` is what the TLS listener's
+        handshake found, `source` the client a PROXY header ahead of that handshake named."""
         super().__init__()
+        self._on_end = on_end
         self.proxy = proxy
         self.pool = proxy.pool
         self.config = proxy.config
@@ -123,10 +90,12 @@ class ClientSession(ClientChannels):
         self.address = f"{address[0]}:{address[1]}" if len(address) >= 2 else str(address)
         self.proxied_by: str | None = None  # the balancer's address when a PROXY header named the client
         self.client_host = self.peer_host  # the client's own address (a trusted PROXY header's source)
+        if source is not None:
+            self._named_by_balancer(source)
         self.admission = Admission(proxy.limits)
         self._byte_bucket: TokenBucket | None = None  # --client-byte-rate
         self._byte_rate_noted = False
-        self.tls: PeerInfo | None = None  # set by the TLS listener: version, cipher, certificate subject
+        self.tls = tls  # the TLS listener's: version, cipher, certificate subject
         self.auth_user = ""  # the --auth-file user; self.credentials are then the broker's, mapped
         self.id = f"{_id_prefix}-{next(_ids):x}"
         self.core = ClientConnection(self.config.client_heartbeat)
@@ -178,9 +147,9 @@ class ClientSession(ClientChannels):
                 # bound is only a safety net over both.
                 cfg = self.config
                 bound = cfg.handshake_timeout + 2 * cfg.connect_timeout + cfg.pause_timeout + _CLOSE_OK_WAIT
-                with gevent.Timeout(bound, _Refused("handshake timeout", timed_out=True)):
+                with gevent.Timeout(bound, Refused("handshake timeout", timed_out=True)):
                     self._handshake()
-            except _Refused as exc:
+            except Refused as exc:
                 self.close_reason = str(exc)
                 if exc.timed_out:
                     self.metrics.client_refused("handshake_timeout")
@@ -289,7 +258,7 @@ class ClientSession(ClientChannels):
         for upstream, names in self.pool.exclusive.release_client(self).items():
             if upstream.alive:
                 upstream.delete_queues(names)
-        self.proxy.forget(self)
+        self._on_end(self)
         if self.vhost is not None:
             self.metrics.client_closed(self.vhost, self.username, self.close_kind)
             self._audit()
@@ -327,240 +296,6 @@ class ClientSession(ClientChannels):
                 "reason": self.close_reason or "client closed",
             },
         )
-
-    # ------------------------------------------------------------------ handshake (drives the core)
-
-    def _handshake(self) -> None:
-        self._handshake_deadline = time.monotonic() + self.config.handshake_timeout
-        core = self.core
-        # On the TLS listener a PROXY header precedes the TLS handshake and was read there.
-        if (
-            self.tls is None
-            and self.config.accept_proxy_protocol
-            and proxyproto.trusted(self.peer_host, self.config.proxy_protocol_from)
-        ):
-            core.receive_data(self._read_proxy_header())
-        self._admit(self.admission.address(self.client_host, self.proxy.address_filter))
-        core.external = self._external_offered()
-        while True:
-            action = core.next_action()
-            if action is None:
-                data = self._handshake_recv(65536)
-                if not data:
-                    if core.state is ConnectionState.HEADER:
-                        raise _Refused("client closed before the protocol header")
-                    raise _Refused("client closed during the handshake")
-                self.last_recv = time.monotonic()
-                core.receive_data(data)
-            elif isinstance(action, Send):
-                self.outbox.put(action.data)
-            elif isinstance(action, Authenticate):
-                self._authenticate(action.credentials)
-            elif isinstance(action, Refuse):
-                self.capabilities = core.capabilities
-                self._refuse(action.reply_code, action.text, action.method, "auth")
-            elif isinstance(action, OpenVhost):
-                self._open_vhost(action.vhost)
-                return
-            elif isinstance(action, Ended):
-                if action.refused:
-                    self.metrics.client_refused(action.refused)
-                raise _Refused(action.reason)
-
-    def _authenticate(self, credentials: Credentials) -> None:
-        """StartOk: --auth-file, --authz-policy and the per-user limits, then the broker proves
-        the credentials (unless a limit refused the client: it causes no upstream work)."""
-        self.capabilities = self.core.capabilities
-        if self.config.auth is not None:
-            credentials = self._proxy_login(credentials)
-        self.credentials = credentials
-        self._admit(self.admission.user(self.auth_user or credentials.username, self.proxy.config.authz_policy))
-        try:
-            if self.admission.refusal is None:
-                self._upstream_wait(self.pool.authenticate, credentials)
-        except UpstreamError as exc:
-            self._refuse_upstream(exc, c.CONNECTION_START_OK)
-        self._check_still_open()
-        channel_max = negotiate(self.config.channel_max, self.pool.channel_max)
-        frame_max = negotiate(self.config.frame_max, self.pool.frame_max)
-        self.outbox.put(self.core.authenticated(channel_max, frame_max).data)
-
-    def _open_vhost(self, vhost: str) -> None:
-        """Connection.Open: admission of the vhost, a paused vhost's wait, the vhost opened upstream."""
-        core = self.core
-        self.channel_max, self.max_body, self.heartbeat = core.channel_max, core.max_body, core.heartbeat
-        credentials = self.credentials
-        assert credentials is not None
-        verdict = self.admission.vhost(vhost, self.auth_user or self.username, self.proxy.config.authz_policy)
-        self._admit(verdict)
-        refusal = verdict.refusal
-        if refusal is not None:
-            self.metrics.limit_hit(refusal.limit, True)
-            self._refusal_delay()
-            self._refuse(refusal.reply_code, refusal.text, c.CONNECTION_OPEN, "limit", limit=refusal.limit)
-        if not self._paused_wait(vhost):
-            self._refuse(
-                c.CONNECTION_FORCED,
-                f"CONNECTION_FORCED - vhost '{vhost}' is paused for maintenance",
-                c.CONNECTION_OPEN,
-                "paused",
-            )
-        try:
-            self._upstream_wait(self.pool.open_vhost, credentials, vhost)
-        except UpstreamError as exc:
-            self._refuse_upstream(exc, c.CONNECTION_OPEN)
-        self._check_still_open()
-        self.vhost = vhost
-        self.pool_key = (credentials.username, credentials.password, vhost)
-        self.outbox.put(core.opened().data)
-        self.metrics.client_opened(vhost, credentials.username, time.monotonic() - self.opened_at)
-        self._byte_bucket = self.proxy.limits.byte_rate_bucket(time.monotonic())
-
-    def _check_still_open(self) -> None:
-        """Closed by another greenlet (a drain, the admin API) while the upstream was awaited."""
-        if self.closing:
-            raise _Refused(self.close_reason or "closed during the handshake")
-
-    def _handshake_recv(self, size: int) -> bytes:
-        """recv() within what is left of the client's --handshake-timeout."""
-        remaining = self._handshake_deadline - time.monotonic()
-        if remaining <= 0:
-            raise _Refused("handshake timeout", timed_out=True)
-        with gevent.Timeout(remaining, _Refused("handshake timeout", timed_out=True)):
-            return self.sock.recv(size)
-
-    def _upstream_wait(self, call: Any, *args: Any) -> None:
-        """Run a pool call; the time it takes does not count against the client's handshake budget."""
-        started = time.monotonic()
-        try:
-            call(*args, started + self.config.connect_timeout)
-        finally:
-            self._handshake_deadline += time.monotonic() - started
-
-    def _paused_wait(self, vhost: str) -> bool:
-        """Hold the client while its vhost is paused; the wait is not the client's handshake time."""
-        started = time.monotonic()
-        try:
-            return self.proxy.wait_if_paused(vhost)
-        finally:
-            self._handshake_deadline += time.monotonic() - started
-
-    def _read_proxy_header(self) -> bytes:
-        """A PROXY protocol header from a trusted balancer: the client's real address. Returns
-        the bytes read past it (the start of the AMQP protocol header)."""
-        data = b""
-        while True:
-            chunk = self._handshake_recv(256)
-            if not chunk:
-                raise _Refused("client closed before the PROXY protocol header")
-            data += chunk
-            try:
-                result = proxyproto.parse(data)
-            except proxyproto.ProxyHeaderError as exc:
-                self.metrics.client_refused("protocol_header")
-                raise _Refused(f"bad PROXY protocol header: {exc}") from None
-            if result is not None:
-                break
-            if len(data) > 536:  # v2's largest header plus a margin
-                raise _Refused("PROXY protocol header too long")
-        consumed, source = result
-        if source is not None:
-            self.proxied_by = self.address
-            host, port = source
-            self.client_host = host
-            self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        return data[consumed:]
-
-    def _external_offered(self) -> bool:
-        """EXTERNAL: a verified client certificate, and an --auth-file that maps subjects to users."""
-        auth = self.config.auth
-        return bool(self.tls is not None and self.tls.subject_dn and auth is not None and auth.subjects)
-
-    def _proxy_login(self, credentials: Credentials) -> Credentials:
-        """--auth-file: check the client against the proxy's credentials and return the broker
-        credentials its user maps to; refuse with RabbitMQ's 403 otherwise."""
-        auth = self.config.auth
-        assert auth is not None
-        if credentials.mechanism == "EXTERNAL":
-            assert self.tls is not None
-            user = auth.user_for_subject(self.tls.subject_dn, self.tls.subject_cn)
-            self.auth_user = user.name if user is not None else self.tls.subject_dn
-        else:
-            self.auth_user = credentials.username
-            user = auth.verify(credentials.username, credentials.password)
-        if user is None:
-            self._refuse(
-                c.ACCESS_REFUSED,
-                f"ACCESS_REFUSED - Login was refused using authentication mechanism {credentials.mechanism}. "
-                "For details see the broker logfile.",
-                c.CONNECTION_START_OK,
-                "auth",
-            )
-        assert user is not None  # _refuse raised
-        return Credentials(user.upstream_user, user.upstream_password, "PLAIN")
-
-    def _refuse_upstream(self, exc: UpstreamError, method: tuple[int, int]) -> None:
-        if exc.reply_code:
-            # The broker's own verdict (403 ACCESS_REFUSED, 530 NOT_ALLOWED "vhost ... not found").
-            reason = {403: "auth", 506: "limit"}.get(exc.reply_code, "vhost")
-            self.metrics.error(reason, "permanent", self.vhost)
-            self._refuse(exc.reply_code, exc.text, method, reason)
-        self.metrics.error("upstream_unavailable", "transient", self.vhost)
-        self._refuse(
-            c.CONNECTION_FORCED,
-            f"CONNECTION_FORCED - upstream unavailable: {exc.text}",
-            method,
-            "breaker_open" if exc.breaker_open else "upstream_unavailable",
-        )
-
-    def _refuse(self, reply_code: int, text: str, method: tuple[int, int], reason: str, **fields: Any) -> None:
-        """Refuse the handshake (reasons: auth, vhost, limit, access, paused, upstream_unavailable,
-        breaker_open): counted, logged, then the core's Connection.Close (or, for a login refused
-        by the spec's rules, none) and the wait for Close-Ok."""
-        text = reply_text(text)
-        self.metrics.client_refused(reason)
-        log.warning(
-            "client refused",
-            extra=self.log_extra("client_refused", reason=reason, reply_code=reply_code, reply_text=text, **fields),
-        )
-        action = self.core.refuse(reply_code, text, method)
-        if isinstance(action, Send):
-            self.closing = True
-            self.outbox.put(action.data)
-            self._await_close_ok()
-        raise _Refused(text)
-
-    # ------------------------------------------------------------------ admission (limits and access)
-
-    def _admit(self, verdict: Verdict) -> None:
-        """Act on an admission verdict: alarms are logged and counted; a denial refuses now (an
-        address with a TCP close, --authz-policy after --limit-refusal-delay)."""
-        for alarm in verdict.alarms:
-            self.metrics.limit_hit(alarm.limit, False)
-            log.warning(
-                "limit reached (alarm only: admitted)",
-                extra=self.log_extra(
-                    "limit_alarm", limit=alarm.limit, reply_code=alarm.reply_code, reply_text=alarm.text
-                ),
-            )
-        denial = verdict.denial
-        if denial is None:
-            return
-        self.metrics.access_denied(denial.reason)
-        if not denial.reply_code:  # --allow-cidr/--deny-cidr: before any AMQP byte
-            self.metrics.client_refused("access")
-            log.warning("client address refused", extra=self.log_extra("access_denied", reason=denial.reason))
-            raise _Refused(denial.text)
-        self._refusal_delay()
-        self._refuse(denial.reply_code, denial.text, denial.method, "access", access=denial.reason)
-
-    def _refusal_delay(self) -> None:
-        """Hold a refused client a moment so that its retry loop does not spin; only this
-        greenlet waits. Not counted against the client's handshake time."""
-        delay = self.proxy.limits.refusal_delay
-        if delay > 0:
-            gevent.sleep(delay)
-            self._handshake_deadline += delay
 
     def _pace(self, nbytes: int) -> None:
         """--client-byte-rate: a client reading faster than the rate is not read for a while."""

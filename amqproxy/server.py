@@ -231,7 +231,7 @@ class Proxy:
 
     def _handle(self, sock: socket.socket, address: tuple) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        session = ClientSession(self, sock, address)
+        session = ClientSession(self, sock, address, self.sessions.discard)
         self.sessions.add(session)
         session.run()
 
@@ -255,12 +255,8 @@ class Proxy:
             )
             return
         try:
-            session = ClientSession(self, tls_sock, address)
-            session.tls = peer
-            if source is not None:  # a PROXY header before the TLS bytes named the real client
-                session.proxied_by = session.address
-                session.client_host = source[0]
-                session.address = f"[{source[0]}]:{source[1]}" if ":" in source[0] else f"{source[0]}:{source[1]}"
+            # A PROXY header before the TLS bytes named the real client: `source`.
+            session = ClientSession(self, tls_sock, address, self.sessions.discard, tls=peer, source=source)
             self.sessions.add(session)
             session.run()
         finally:
@@ -286,9 +282,6 @@ class Proxy:
     @property
     def tls_address(self) -> tuple[str, int] | None:
         return self._tls_server.address if self._tls_server is not None else None
-
-    def forget(self, session: ClientSession) -> None:
-        self.sessions.discard(session)
 
     # ------------------------------------------------------------------ live state (metrics.LiveSource)
 
