@@ -94,7 +94,7 @@ class Config:
     recovery_timeout: float = 30.0
     recovery_buffer: int = 4 * 1024 * 1024
     admin_token: str = ""
-    # TLS and authentication (#5)
+    # TLS and authentication
     tls_listen: tuple[str, int] | None = None
     tls_cert: str = ""
     tls_key: str = ""
@@ -113,7 +113,7 @@ class Config:
     tls_server: ssl.SSLContext | None = field(default=None, compare=False, repr=False)
     tls_upstream: ssl.SSLContext | None = field(default=None, compare=False, repr=False)
     auth: ProxyAuth | None = field(default=None, compare=False, repr=False)
-    # limits and access (#5)
+    # limits and access
     max_connections: int = 0
     max_connections_per_ip: int = 0
     max_connections_per_user: int = 0
@@ -535,7 +535,7 @@ OPTIONS: tuple[Option, ...] = (
         "stops being read",
         "BYTES",
     ),
-    # TLS and authentication (#5)
+    # TLS and authentication
     Option(
         "tls_listen",
         parse_optional_hostport,
@@ -606,7 +606,7 @@ OPTIONS: tuple[Option, ...] = (
         "file holding --admin-token (must not be readable by everyone); re-read on reload",
         "FILE",
     ),
-    # limits and access (#5)
+    # limits and access
     Option(
         "max_connections", _non_negative_int, "0", "most client connections in total (506 beyond it); 0 = no limit", "N"
     ),
