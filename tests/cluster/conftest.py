@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import subprocess
 import time
+from pathlib import Path
 
 import pika.exceptions
 import pytest
 
 from tests.support.cluster import Cluster, ClusterError
+from tests.support.haproxy import HAProxy, HAProxyError, haproxy_binary
 from tests.support.own_node import OwnBrokerError, rabbitmq_sbin
 from tests.support.ports import unique_name
 from tests.support.proxy import ProxyProcess, ProxyStartError
@@ -161,3 +163,71 @@ def queues(cluster):
     q = ClusterQueues(cluster)
     yield q
     q.cleanup()
+
+
+class Fleet:
+    """`size` amqproxy instances in front of the cluster (--accept-proxy-protocol), behind one real
+    HAProxy (tests/support/haproxy.py); an instance can be restarted on its own ports."""
+
+    def __init__(self, base_dir: Path, cluster: Cluster, size: int, args: tuple[str, ...]) -> None:
+        self.base_dir = base_dir
+        self.args = [*cluster.upstream_args(), "--accept-proxy-protocol", "true", *args]
+        self.proxies = [self._proxy(i, 1) for i in range(size)]
+        self.generation = [1] * size
+        self.all = list(self.proxies)
+        self.haproxy = HAProxy(base_dir / "haproxy", self.proxies)
+
+    def _proxy(self, index: int, generation: int) -> ProxyProcess:
+        return ProxyProcess(self.base_dir / f"proxy-{index + 1}.{generation}.log", self.args, upstream=None)
+
+    def start(self) -> Fleet:
+        for proc in self.proxies:
+            proc.start()
+        for proc in self.proxies:
+            proc.wait_ready()
+        self.haproxy.start()
+        self.haproxy.wait_all_up()
+        return self
+
+    def restart(self, index: int) -> ProxyProcess:
+        """Start instance `index` again on its ports (the old process must have exited)."""
+        old = self.proxies[index]
+        self.generation[index] += 1
+        new = self._proxy(index, self.generation[index])
+        new.port, new.http_port = old.port, old.http_port
+        self.proxies[index] = new
+        self.all.append(new)
+        new.start()
+        new.wait_ready()
+        return new
+
+    def stop(self) -> None:
+        self.haproxy.stop()
+        for proc in self.all:
+            proc.stop()
+
+
+@pytest.fixture
+def fleet(request, cluster, tmp_path):
+    """start(size, *proxy_args) -> a started Fleet (stopped at teardown)."""
+    if haproxy_binary() is None:
+        pytest.skip("haproxy not installed (apt-get install haproxy; .ci/run installs it)")
+    fleets: list[Fleet] = []
+
+    def start(size: int, *args: str) -> Fleet:
+        f = Fleet(tmp_path / f"fleet-{len(fleets) + 1}", cluster, size, args)
+        fleets.append(f)
+        attach_log(request, "haproxy log (last 80 lines)", f.haproxy.log_tail)
+        attach_log(
+            request,
+            "amqproxy logs of the fleet (last 60 lines each)",
+            lambda f=f: "\n".join(f"--- {p.log_path.name} ---\n{p.log_tail(60)}" for p in f.all),
+        )
+        try:
+            return f.start()
+        except (ProxyStartError, HAProxyError) as e:
+            pytest.fail(str(e), pytrace=False)
+
+    yield start
+    for f in fleets:
+        f.stop()
