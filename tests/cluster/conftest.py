@@ -26,6 +26,7 @@ from tests.support.target import Target
 _CLUSTER_KEY = pytest.StashKey[Cluster]()
 _START_SECONDS_KEY = pytest.StashKey[float]()
 _LOGS_KEY = pytest.StashKey[list]()  # (title, callable returning text) per test, for failure reports
+_FIGURES_KEY = pytest.StashKey[list]()  # measured figures, printed at the end of the run
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -44,8 +45,24 @@ def attach_log(request, title: str, text) -> None:
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     seconds = config.stash.get(_START_SECONDS_KEY, None)
+    figures = config.stash.get(_FIGURES_KEY, [])
+    if seconds is None and not figures:
+        return
+    terminalreporter.write_sep("=", "cluster suite figures")
     if seconds is not None:
         terminalreporter.write_line(f"RabbitMQ cluster of 3 own nodes started and formed in {seconds:.1f} s")
+    for line in figures:
+        terminalreporter.write_line(line)
+
+
+@pytest.fixture
+def figures(request):
+    """figures(line): a measured figure, printed in the run's summary (docs/DEPLOYMENT.md quotes them)."""
+
+    def add(line: str) -> None:
+        request.config.stash.setdefault(_FIGURES_KEY, []).append(f"{request.node.name}: {line}")
+
+    return add
 
 
 @pytest.fixture(scope="session")

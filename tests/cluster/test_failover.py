@@ -110,7 +110,9 @@ def _roles_by_node(proxy) -> dict[str, set[str]]:
 
 
 @pytest.mark.parametrize("fault", ["kill", "stop_app", "drain"])
-def test_node_failure_under_load_loses_nothing_and_errs_no_client(cluster, cluster_proxy_factory, queues, fault):
+def test_node_failure_under_load_loses_nothing_and_errs_no_client(
+    cluster, cluster_proxy_factory, queues, fault, figures
+):
     victim = cluster.nodes[1]
     label = cluster.label(victim)
     proxy = cluster_proxy_factory(*PROXY_ARGS)
@@ -167,8 +169,8 @@ def test_node_failure_under_load_loses_nothing_and_errs_no_client(cluster, clust
     proxy_nacks = sum(r.get("publishes_nacked", 0) for r in recoveries)
     stall = ledger.longest_gap(ledger.confirm_times, fault_at, back_at + AFTER)
     resume = ledger.longest_gap(ledger.delivery_times, fault_at, back_at + AFTER)
-    print(
-        f"\nFAILOVER {fault}: node down {back_at - fault_at:.1f} s; confirmed {len(ledger.confirmed)}, "
+    figures(
+        f"FAILOVER {fault}: node down {back_at - fault_at:.1f} s; confirmed {len(ledger.confirmed)}, "
         f"lost {len(ledger.missing())}, nacked and republished {ledger.nacked} ({proxy_nacks} by the proxy at the "
         f"loss, the rest by the broker), duplicates {ledger.duplicates}; proxy recoveries {len(recoveries)}, "
         f"longest {max((r['duration_s'] for r in recoveries), default=0):.2f} s; "

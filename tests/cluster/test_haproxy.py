@@ -78,7 +78,7 @@ def _log_time(record: dict) -> float:
     return datetime.datetime.strptime(record["time"], "%Y-%m-%d %H:%M:%S,%f").timestamp()
 
 
-def test_rolling_restart_under_churn_loses_nothing(fleet, queues):
+def test_rolling_restart_under_churn_loses_nothing(fleet, queues, figures):
     f = fleet(3, *FLEET_ARGS)
     q = queues("rolling")
     declare = f.haproxy.target().pika()
@@ -136,8 +136,8 @@ def test_rolling_restart_under_churn_loses_nothing(fleet, queues):
         step = max(i for i, start in enumerate(windows) if start <= error.at) if error.at >= windows[0] else -1
         per_step[(error.client, step)] = per_step.get((error.client, step), 0) + 1
     reconnected = sorted({e.client for e in ledger.errors})
-    print(
-        f"\nROLLING RESTART of {len(steps)} instances: confirmed {len(ledger.confirmed)}, lost {len(ledger.missing())}, "
+    figures(
+        f"ROLLING RESTART of {len(steps)} instances: confirmed {len(ledger.confirmed)}, lost {len(ledger.missing())}, "
         f"duplicates {ledger.duplicates}, connections {sum(ledger.sessions.values())}; "
         f"{len(ledger.errors)} x 320 to {len(reconnected)} clients ({reconnected}); "
         + "; ".join(
