@@ -6,7 +6,7 @@ from pathlib import Path
 from amqproxy.config import options_markdown
 
 ROOT = Path(__file__).resolve().parents[2]
-EVENT_PATTERNS = (re.compile(r'"event":\s*"([a-z_]+)"'), re.compile(r'_log_extra\(\s*"([a-z_]+)"'))
+EVENT_PATTERNS = (re.compile(r'"event":\s*"([a-z_]+)"'), re.compile(r'log_extra\(\s*"([a-z_]+)"'))
 
 
 def logged_events() -> set[str]:
