@@ -23,7 +23,6 @@ from tests.support.ports import unique_name
 from tests.support.proxy import ProxyProcess, ProxyStartError
 from tests.support.target import Target
 
-_CLUSTER_KEY = pytest.StashKey[Cluster]()
 _START_SECONDS_KEY = pytest.StashKey[float]()
 _LOGS_KEY = pytest.StashKey[list]()  # (title, callable returning text) per test, for failure reports
 _FIGURES_KEY = pytest.StashKey[list]()  # measured figures, printed at the end of the run
@@ -81,7 +80,6 @@ def _cluster(request, tmp_path_factory):
         cluster.stop()
         pytest.fail(f"cannot start the RabbitMQ cluster: {e}\n{tails}", pytrace=False)
     request.config.stash[_START_SECONDS_KEY] = time.monotonic() - started
-    request.config.stash[_CLUSTER_KEY] = cluster
     try:
         yield cluster
     finally:
