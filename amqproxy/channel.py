@@ -83,6 +83,12 @@ class ClientLeg(Protocol):
     def upstream_lost(self, upstream: ChannelSink, node: str, cause: str, links: list[Link]) -> None:
         """`upstream` (to `node`) died with these channels of the client on it."""
 
+    def close_connection(
+        self, reply_code: int, text: str, method: tuple[int, int] = (0, 0), kind: str | None = None
+    ) -> None:
+        """Connection.Close to the client (e.g. the broker's own, when the client's method made
+        the broker close a shared upstream connection); never blocks."""
+
     def upstream_blocked(self, upstream: BlockingUpstream, reason: str) -> bool:
         """The broker blocked `upstream` (connection.blocked); whether the client was told."""
 

@@ -444,6 +444,8 @@ class ClientSession(ClientChannels, HandshakeDriver):
                         elif method in _ACKS:
                             link.on_method(method)
                             check_ack_layout(method, end - start)
+                            if method != c.BASIC_ACK:  # streams refuse these with a connection error
+                                link.record.refused_at = time.monotonic()
                             if link.tag_offset:  # only on a channel that went through a recovery
                                 renumbered = self._renumber_ack(link, method, buf, start)
                                 if renumbered is not None:

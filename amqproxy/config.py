@@ -68,6 +68,7 @@ class Config:
     backlog: int = 1024
     workers: int = 1
     drain_timeout: float = 30.0
+    shutdown_delay: float = 0.0
     pause_timeout: float = 60.0
     accept_proxy_protocol: bool = False
     proxy_protocol_from: list = field(default_factory=lambda: [ipaddress.ip_network("127.0.0.1/32")])
@@ -396,6 +397,15 @@ OPTIONS: tuple[Option, ...] = (
         _non_negative_float,
         "30",
         "on SIGTERM/SIGINT, how long clients may finish on their own before they get 320 (seconds)",
+        "SECONDS",
+    ),
+    Option(
+        "shutdown_delay",
+        _non_negative_float,
+        "0",
+        "on SIGTERM/SIGINT, keep accepting new clients this long while /readyz answers 503, so that a load "
+        "balancer's health check takes the instance out of rotation before it stops accepting; then the drain "
+        "(seconds)",
         "SECONDS",
     ),
     Option(

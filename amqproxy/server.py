@@ -108,8 +108,18 @@ class Proxy:
         gevent.spawn(self._stop, why)
 
     def _stop(self, why: str) -> None:
+        # /readyz answers 503 from the signal on (self.stopping). A balancer that health-checks it
+        # stops sending new clients within its check interval: keep accepting until then, or the
+        # connections it still sends meanwhile would be refused (or reset in the accept queue).
+        delay = self.config.shutdown_delay
+        if delay > 0:
+            log.info(
+                "not ready, still accepting",
+                extra={"event": "shutdown_delay", "signal": why, "clients": len(self.sessions), "delay_s": delay},
+            )
+            gevent.sleep(delay)
         if self._server is not None:
-            self._server.close()  # no new clients; /readyz answers 503 from now on
+            self._server.close()  # no new clients
         if self._tls_server is not None:
             self._tls_server.close()
         log.info(
