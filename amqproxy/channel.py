@@ -188,11 +188,17 @@ class Link(ChannelGuard):
         self.upstream_side = UpstreamSide.NONE
 
     def close_event(
-        self, event: CloseEvent, reply_code: int = 200, text: str = "", method: tuple[int, int] = (0, 0)
+        self,
+        event: CloseEvent,
+        reply_code: int = 200,
+        text: str = "",
+        method: tuple[int, int] = (0, 0),
+        into: bytearray | None = None,
     ) -> tuple[bytes, bool]:
-        """Apply one close event (protocol.closing). Frames to the broker are sent and ids freed
-        here; returns (frames of ours for the client, whether to forward the frame that caused
-        the event). `reply_code`, `text` and `method` are those of a Close the proxy sends."""
+        """Apply one close event (protocol.closing). Frames to the broker are sent (or appended
+        to `into`, a batch the caller writes) and ids freed here; returns (frames of ours for the
+        client, whether to forward the frame that caused the event). `reply_code`, `text` and
+        `method` are those of a Close the proxy sends."""
         was_closing = self.closing
         self.client_side, self.upstream_side, effects = TABLE[(self.client_side, self.upstream_side, event)]
         self.closing = closing = is_closing(self.client_side, self.upstream_side)
@@ -217,10 +223,16 @@ class Link(ChannelGuard):
                 forward = True
             elif upstream is None:
                 continue
-            elif effect is Effect.UPSTREAM_CLOSE:
-                upstream.send_method(self.upstream_channel, c.CHANNEL_CLOSE, reply_code=reply_code, reply_text=text)
-            elif effect is Effect.UPSTREAM_CLOSE_OK:
-                upstream.send_method(self.upstream_channel, c.CHANNEL_CLOSE_OK)
+            elif effect is Effect.UPSTREAM_CLOSE or effect is Effect.UPSTREAM_CLOSE_OK:
+                payload = (
+                    encode_method(c.CHANNEL_CLOSE, reply_code=reply_code, reply_text=text)
+                    if effect is Effect.UPSTREAM_CLOSE
+                    else CHANNEL_CLOSE_OK
+                )
+                if into is not None:
+                    into += method_frame(self.upstream_channel, payload)
+                else:
+                    upstream.send(method_frame(self.upstream_channel, payload))
             elif effect is Effect.RELEASE:
                 upstream.release(self)
         if event is CloseEvent.UPSTREAM_GONE:

@@ -26,6 +26,7 @@ import gevent
 from .admission import Admission
 from .client_channels import ClientChannels
 from .client_handshake import HandshakeDriver, Refused, SessionHost
+from .inbox import receive
 from .limits import CLIENT_BYTE_RATE, TokenBucket
 from .metrics import BYTES, CLIENT_TO_UPSTREAM, FORWARD_LATENCY_U2C, FRAMES
 from .outbox import Outbox
@@ -51,7 +52,6 @@ log = logging.getLogger("amqproxy.client")
 audit_log = logging.getLogger("amqproxy.audit")
 
 _METHOD_ID = struct.Struct(">HH")
-_RECV_SIZE = 256 * 1024
 _ACKS = frozenset({c.BASIC_ACK, c.BASIC_NACK, c.BASIC_REJECT})
 _CLOSE_OK_WAIT = 3.0  # how long a client gets to answer our Connection.Close
 # A client whose outbox stays above --client-buffer for --slow-client-grace is disconnected; one
@@ -201,7 +201,7 @@ class ClientSession(ClientChannels, HandshakeDriver):
                     if isinstance(action, Send):
                         self.outbox.put(action.data)
                     elif action is None:
-                        data = self.sock.recv(_RECV_SIZE)
+                        data = self.sock.recv(65536)
                         if not data:
                             return
                         core.receive_data(data)
@@ -351,15 +351,14 @@ class ClientSession(ClientChannels, HandshakeDriver):
                 handshake_leftover = False
                 self._received_at = time.monotonic()
             else:
-                data = sock.recv(_RECV_SIZE)
-                if not data:
+                count = receive(sock, reader)
+                if not count:
                     self.close_reason = self.close_reason or "client closed the socket"
                     return
                 self.last_recv = self._received_at = time.monotonic()
-                self.bytes_in += len(data)
+                self.bytes_in += count
                 if self._byte_bucket is not None:
-                    self._pace(len(data))  # --client-byte-rate: wait before this read goes on
-                reader.feed(data)
+                    self._pace(count)  # --client-byte-rate: wait before this read goes on
             buf = reader.buffer
             available = len(buf)
             pos = reader.pos
@@ -402,9 +401,8 @@ class ClientSession(ClientChannels, HandshakeDriver):
                     frame_counts[frame_type] += 1
                     byte_counts[frame_type] += size + 8
                     if channel == 0:
-                        # Connection-level events act on upstream channels directly: everything
-                        # read before them must be on its way first.
-                        self._flush()
+                        # A client's Connection.Close releases its channels into this read's
+                        # batches, behind what it sent before (_release_channels).
                         if self._on_connection_frame(frame_type, view[start:end]):
                             return
                         continue

@@ -303,11 +303,10 @@ class ClientChannels:
             link.close_upstream(200, "closed by amqproxy")
 
     def _release_channels(self) -> None:
-        """Close the upstream side of every channel exactly once; the client side ends with us."""
-        # Frames already accepted this read (a pipelined channel.open, say) go out before the closes.
-        for destination, out in self._batches.items():
-            destination.send(out)
-        self._batches.clear()
+        """Close the upstream side of every channel exactly once; the client side ends with us.
+        Frames already accepted this read (a pipelined publish, say) go out first, in the same
+        write as the closes: one write per upstream connection."""
+        batches = self._batches
         links = list(self.channels.values())
         self.channels.clear()
         for link in links:
@@ -319,7 +318,11 @@ class ClientChannels:
             if upstream is not None and not upstream.alive:  # a dead connection, or a recovery's gap
                 upstream.release(link)
                 link.close_event(CloseEvent.UPSTREAM_GONE)
-            link.close_event(CloseEvent.CLIENT_GONE, 200, "client connection closed")
+            batch = batches[upstream] if upstream is not None and upstream.alive else None
+            link.close_event(CloseEvent.CLIENT_GONE, 200, "client connection closed", into=batch)
+        for destination, out in batches.items():
+            destination.send(out)
+        batches.clear()
 
     def forget(self, link: Link) -> None:
         if self.channels.get(link.client_channel) is link:

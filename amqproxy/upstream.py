@@ -22,6 +22,7 @@ from gevent.event import AsyncResult
 
 from . import tls
 from .channel import CHANNEL_CLOSE_OK, ClientLeg, Link
+from .inbox import receive
 from .metrics import BYTES, FORWARD_LATENCY_C2U, FRAMES, UPSTREAM_TO_CLIENT
 from .outbox import Outbox
 from .protocol import constants as c
@@ -52,7 +53,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("amqproxy.upstream")
 
 _METHOD_ID = struct.Struct(">HH")
-_RECV_SIZE = 256 * 1024
 # Broker methods the reader interprets: channel state, exclusive queues, consumer tags, the
 # replies to synchronous requests (recorded for recovery, control plane only) and, on confirm
 # channels, publisher confirms.
@@ -388,11 +388,9 @@ class Upstream:
         run = Run()
         try:
             while True:
-                data = sock.recv(_RECV_SIZE)
-                if not data:
+                if not receive(sock, reader):
                     raise ConnectionResetError("connection closed by the broker")
                 received_at = self.last_recv = time.monotonic()
-                reader.feed(data)
                 batches: defaultdict[ClientLeg, bytearray] = defaultdict(bytearray)
                 buf = reader.buffer
                 available = len(buf)
