@@ -31,3 +31,18 @@ def test_every_log_event_is_in_the_operations_guide():
 def test_configuration_reference_holds_the_generated_option_table():
     reference = (ROOT / "docs" / "CONFIGURATION.md").read_text(encoding="utf-8")
     assert options_markdown() in reference, "regenerate with: python -m amqproxy.config --write-docs"
+
+
+def test_every_load_scenario_has_its_locust_report_linked_from_the_benchmarks():
+    """`python -m loadtests.run` writes Locust's own HTML report (--html); one recorded run of
+    every scenario is kept in docs/loadtests/ and linked from docs/BENCHMARKS.md."""
+    benchmarks = (ROOT / "docs" / "BENCHMARKS.md").read_text(encoding="utf-8")
+    # As loadtests.run.scenario_names() lists them (tests/loadtests shadows that package here).
+    names = sorted(p.stem for p in (ROOT / "loadtests" / "scenarios").glob("*.py") if not p.stem.startswith("_"))
+    assert len(names) >= 5
+    for name in names:
+        report = ROOT / "docs" / "loadtests" / f"{name}.html"
+        assert report.is_file(), f"no recorded Locust report for the {name} scenario: {report}"
+        text = report.read_text(encoding="utf-8", errors="replace")
+        assert "Locust" in text and f'"locustfile": "{name}.py"' in text, f"{report} is not Locust's report of {name}"
+        assert f"](loadtests/{name}.html)" in benchmarks, f"docs/BENCHMARKS.md does not link {report.name}"
