@@ -16,23 +16,23 @@ import struct
 import time
 from collections import defaultdict
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import gevent
 from gevent.event import AsyncResult
 
 from .access import USER_REFUSED_CODE, VHOST_REFUSED_CODE, user_refused_text, vhost_refused_text
-from .channel import CHANNEL_CLOSE_OK, Gap, Link, Replay
+from .channel import BlockingUpstream, ChannelSink, Gap, Link, Replay
 from .limits import CLIENT_BYTE_RATE, Decision, Refusal, TokenBucket
 from .metrics import BYTES, CLIENT_TO_UPSTREAM, FORWARD_LATENCY_U2C, FRAMES
 from .outbox import Outbox
-from .pool import ROLE_ANY
 from .protocol import constants as c
 from .protocol import proxyproto
+from .protocol.closing import CloseEvent
 from .protocol.codec import DecodeError, decode_method, encode_method, method_name
 from .protocol.constants import FRAME_END, FRAME_METHOD, REPLY_NAMES
 from .protocol.content import PUBLISH, Run, append_frames, message_run
-from .protocol.errors import ProtocolError
+from .protocol.errors import ProtocolError, reply_text
 from .protocol.frames import (
     FRAME_HEADER_STRUCT,
     HEARTBEAT_FRAME,
@@ -52,12 +52,16 @@ from .protocol.handshake import (
     start_payload,
     tune_payload,
 )
-from .protocol.rules import CLIENT_CHANNEL_METHODS, EXPECT_METHOD, QUEUE_ACCESS_METHODS, check_ack_layout, role_of
+from .protocol.rules import CLIENT_CHANNEL_METHODS, EXPECT_METHOD, QUEUE_ACCESS_METHODS, Role, check_ack_layout, role_of
 from .recovery import ConfirmTracker, Topology, ack_tag, consume_nowait, qos_default
 from .upstream import Upstream, UpstreamError
 
 if TYPE_CHECKING:
-    from .server import Proxy
+    from .access import AddressFilter
+    from .config import Config
+    from .limits import Limits
+    from .metrics import Metrics
+    from .pool import Pool
     from .tls import PeerInfo
 
 log = logging.getLogger("amqproxy.client")
@@ -102,12 +106,38 @@ def renumber_frames(data: bytes | bytearray, channel: int, max_body: int) -> byt
     return out
 
 
+class SessionHost(Protocol):
+    """What a client session uses of the proxy that accepted it (server.Proxy)."""
+
+    @property
+    def config(self) -> Config:
+        """The configuration in force now (a reload replaces it)."""
+
+    @property
+    def pool(self) -> Pool: ...
+
+    @property
+    def metrics(self) -> Metrics: ...
+
+    @property
+    def limits(self) -> Limits: ...
+
+    @property
+    def address_filter(self) -> AddressFilter: ...
+
+    def forget(self, session: ClientSession) -> None:
+        """The session has ended."""
+
+    def wait_if_paused(self, vhost: str) -> bool:
+        """Hold the caller while `vhost` is paused; False if it stayed paused too long."""
+
+
 class _Refused(Exception):
     """The handshake ends here; the client has been told why (or the socket just closes)."""
 
 
 class ClientSession:
-    def __init__(self, proxy: Proxy, sock: socket.socket, address: tuple[Any, ...]) -> None:
+    def __init__(self, proxy: SessionHost, sock: socket.socket, address: tuple[Any, ...]) -> None:
         self.proxy = proxy
         self.pool = proxy.pool
         self.config = proxy.config
@@ -134,22 +164,22 @@ class ClientSession:
         self.heartbeat = 0
         self.opened_at = time.monotonic()
         self.last_recv = self.opened_at
-        self.preferred: dict[str, Upstream] = {}  # role -> the upstream this client's channels use
-        self.exclusive_upstream: Upstream | None = None  # holds this client's exclusive queues
+        self.preferred: dict[Role, Upstream] = {}  # role -> the upstream this client's channels use
         self.upstream_ids: set[int] = set()  # every upstream connection its channels used (audit)
-        self.blocked_by: set[Upstream] = set()
+        self.blocked_by: set[BlockingUpstream] = set()
         self.closing = False
         self.close_reason = ""
         self.close_kind = "client"  # one of metrics.CLOSE_REASONS
         self.close_code = 0  # the reply code of the Connection.Close we sent, if any
         self.connected_at = time.time()
         self.bytes_in = self.bytes_out = 0
-        self.messages_in = self.messages_out = 0  # publishes from / deliveries to the client
+        self.messages_in = 0  # publishes from the client
+        self._delivered_before = 0  # deliveries on channels it no longer has (messages_out)
         self.outbox = Outbox(
             sock, self._on_write_error, high_watermark=self.config.client_buffer, latency=FORWARD_LATENCY_U2C
         )
         self._reader = FrameReader(c.PRE_TUNE_FRAME_MAX)
-        self._batches: defaultdict[Upstream, bytearray] = defaultdict(bytearray)  # this read's frames, per upstream
+        self._batches: defaultdict[ChannelSink, bytearray] = defaultdict(bytearray)  # this read's frames, per upstream
         self._received_at = 0.0  # when the read that brought this batch's frames returned
         self._torn_down = False
         self._handshake_deadline = 0.0
@@ -162,6 +192,11 @@ class ClientSession:
     @property
     def username(self) -> str:
         return self.credentials.username if self.credentials is not None else ""
+
+    @property
+    def messages_out(self) -> int:
+        """Deliveries to the client: each channel counts its own (`Link.delivered`)."""
+        return self._delivered_before + sum(link.delivered for link in self.channels.values())
 
     def _log_extra(self, event: str, **fields: Any) -> dict[str, Any]:
         extra = {"event": event, "client_id": self.id, "remote": self.address}
@@ -260,6 +295,7 @@ class ClientSession:
             return
         if kind is not None:
             self.close_kind = kind
+        text = reply_text(text)
         self.closing = True
         self.close_reason = text
         self.close_code = reply_code
@@ -302,15 +338,15 @@ class ClientSession:
         self.proxy.limits.release(self._limit_held)
         self._limit_held = []
         self._release_channels()
-        for upstream in self.blocked_by:
-            upstream.blocked_clients.discard(self)
+        for blocker in self.blocked_by:
+            blocker.forget_blocked(self)
         self.blocked_by.clear()
         for upstream, names in self.pool.exclusive.release_client(self).items():
-            if upstream.state == "open":
+            if upstream.alive:
                 upstream.delete_queues(names)
         self.proxy.forget(self)
         if self.vhost is not None:
-            self.proxy.metrics.client_closed(self)
+            self.proxy.metrics.client_closed(self.vhost, self.username, self.close_kind)
             self._audit()
         if self.credentials is not None:
             log.info(
@@ -355,22 +391,22 @@ class ClientSession:
         self._batches.clear()
         links = list(self.channels.values())
         self.channels.clear()
-        for _ in links:
-            self.proxy.metrics.channel_closed(self)
+        for link in links:
+            self._delivered_before += link.delivered
+            self.proxy.metrics.channel_closed(self.vhost, self.username)
         for link in links:
             link.client = None
             upstream = link.upstream
-            if upstream is None:
-                continue
-            if upstream.state == "open":
-                upstream.close_channel(link, 200, "client connection closed")
-            else:
+            if upstream is not None and not upstream.alive:  # a dead connection, or a recovery's gap
                 upstream.release(link)
+                link.close_event(CloseEvent.UPSTREAM_GONE)
+            link.close_event(CloseEvent.CLIENT_GONE, 200, "client connection closed")
 
     def forget(self, link: Link) -> None:
         if self.channels.get(link.client_channel) is link:
             del self.channels[link.client_channel]
-            self.proxy.metrics.channel_closed(self)
+            self._delivered_before += link.delivered
+            self.proxy.metrics.channel_closed(self.vhost, self.username)
 
     # ------------------------------------------------------------------ handshake
 
@@ -537,7 +573,7 @@ class ClientSession:
         self.vhost = vhost
         self.pool_key = (credentials.username, credentials.password, vhost)
         self.outbox.put(method_frame(0, encode_method(c.CONNECTION_OPEN_OK)))
-        self.proxy.metrics.client_opened(self)
+        self.proxy.metrics.client_opened(vhost, credentials.username, time.monotonic() - self.opened_at)
         self._byte_bucket = self.proxy.limits.byte_rate_bucket(time.monotonic())
 
     def _external_offered(self) -> bool:
@@ -578,13 +614,14 @@ class ClientSession:
         self.proxy.metrics.error("upstream_unavailable", "transient", self.vhost)
         self._refuse(
             c.CONNECTION_FORCED,
-            f"CONNECTION_FORCED - upstream unavailable: {exc.text}"[:255],
+            f"CONNECTION_FORCED - upstream unavailable: {exc.text}",
             method,
             "breaker_open" if breaker else "upstream_unavailable",
         )
 
     def _refuse(self, reply_code: int, text: str, method: tuple[int, int], reason: str, **fields: Any) -> None:
         """Refuse the handshake (reasons: auth, vhost, limit, access, upstream_unavailable, breaker_open)."""
+        text = reply_text(text)
         self.proxy.metrics.client_refused(reason)
         log.warning(
             "client refused",
@@ -756,7 +793,7 @@ class ClientSession:
                         upstream = link.upstream
                         if (
                             upstream is not None
-                            and link.role != "consume"  # its first publish may move it (_movable)
+                            and link.role is not Role.CONSUME  # its first publish may move it (_movable)
                             and link.expect == EXPECT_METHOD
                             and not link.closing
                             and not link.commit_pending
@@ -798,7 +835,7 @@ class ClientSession:
                             continue
                         if link.upstream is None and not self._place(link, method):
                             continue
-                        if method == c.BASIC_PUBLISH and link.role == "consume" and self._movable(link):
+                        if method == c.BASIC_PUBLISH and link.role is Role.CONSUME and self._movable(link):
                             if not self._move_to_publishers(link):
                                 continue
                         if method == c.BASIC_PUBLISH:
@@ -876,14 +913,14 @@ class ClientSession:
         received_at = self._received_at
         for upstream, out in batches.items():
             upstream.send(out, received_at)
-        backed_up = [u.outbox for u in batches if u.outbox is not None and u.outbox.buffered > u.outbox.high_watermark]
+        backed_up = [sink for sink in batches if sink.backed_up()]
         batches.clear()
-        for outbox in backed_up:
+        for sink in backed_up:
             # Backpressure: a publisher faster than its upstream waits here, its socket unread,
             # as RabbitMQ itself stops reading a connection under flow control.
             self.throttled = True
             try:
-                while not outbox.wait_for_room(1.0) and not self.closing:
+                while not sink.wait_for_room(1.0) and not self.closing:
                     pass
             finally:
                 self.throttled = False
@@ -923,27 +960,22 @@ class ClientSession:
             raise ProtocolError(c.CHANNEL_ERROR, f"channel id {channel} out of range (channel_max {self.channel_max})")
         link = Link(self, channel, None, 0)
         self.channels[channel] = link
-        self.proxy.metrics.channel_opened(self)
+        self.proxy.metrics.channel_opened(self.vhost, self.username)
         self.outbox.put(method_frame(channel, _CHANNEL_OPEN_OK))
 
     def _place(self, link: Link, method: tuple[int, int]) -> bool:
         """First method on a channel: open its upstream channel; returns whether to forward `method`."""
-        if method == c.CHANNEL_CLOSE:
-            # Nothing upstream to close: answer it here.
-            link.begin_close()
-            link.c_close_received = link.c_close_ok_sent = True
-            self.forget(link)
-            self.outbox.put(method_frame(link.client_channel, CHANNEL_CLOSE_OK))
-            return False
-        if method == c.CHANNEL_CLOSE_OK:
+        if method == c.CHANNEL_CLOSE or method == c.CHANNEL_CLOSE_OK:
+            # Nothing upstream to close: a Close is answered here.
+            self._on_closing_channel_method(link, method)
             return False
         if method == c.CHANNEL_OPEN:
             raise ProtocolError(c.CHANNEL_ERROR, "second 'channel.open' seen", method)
         self._flush()  # placement may have to dial: what was read before goes first
         self.throttled = True  # not reading the client meanwhile is our doing, not a missed heartbeat
-        link.role = role_of(method) if self.config.separate_publishers else ROLE_ANY
+        role = link.role = role_of(method) if self.config.separate_publishers else Role.ANY
         try:
-            opened = self.pool.place(self, link, link.role)
+            upstream, opened = self.pool.place(self, link, role)
         except UpstreamError as exc:
             if exc.reply_code:  # e.g. 506 with its own text
                 raise ProtocolError(exc.reply_code, exc.text, method) from exc
@@ -951,21 +983,19 @@ class ClientSession:
         finally:
             self.throttled = False
             self.last_recv = time.monotonic()
-        upstream = link.upstream
-        assert upstream is not None
+        self.preferred[role] = upstream
         if self.closing or link.client is None:
             # Closed by another greenlet while we waited: the channel is nobody's now.
             link.client = None
             if opened:
-                upstream.close_channel(link, 200, "client connection closed")
+                link.close_upstream(200, "client connection closed")
             else:
                 upstream.release(link)
             return False
         self.upstream_ids.add(upstream.id)
         if not opened:
             self._batches[upstream] += method_frame(link.upstream_channel, _CHANNEL_OPEN)
-        if upstream.blocked_reason is not None:
-            self.upstream_blocked(upstream, upstream.blocked_reason)
+        upstream.tell_blocked(self)
         return True
 
     def _movable(self, link: Link) -> bool:
@@ -974,9 +1004,9 @@ class ClientSession:
         upstream = link.upstream
         return (
             self.config.separate_publishers
-            and self.exclusive_upstream is None  # exclusive queues pin the client (Pool._choose)
-            and isinstance(upstream, Upstream)  # not a recovery's Gap
-            and upstream.state == "open"
+            and self.pool.exclusive.pinned(self) is None  # exclusive queues pin the client (Pool._choose)
+            and upstream is not None
+            and upstream.alive  # not a recovery's Gap
             and not link.record.pending  # an unanswered request would be overtaken
             and not link.record.unconfirmed  # so would a nowait one
             and not link.record.settings  # no qos or consumers to carry over
@@ -997,15 +1027,15 @@ class ClientSession:
         assert isinstance(old, Upstream)
         self._flush()
         stand_in = Link(None, link.client_channel, old, link.upstream_channel)
-        old.links[link.upstream_channel] = stand_in
-        old.close_channel(stand_in, 200, "channel moved to a publishing connection")
+        old.replace_link(link.upstream_channel, stand_in)
+        stand_in.close_upstream(200, "channel moved to a publishing connection")
         if old in self.blocked_by and not any(
             other.upstream is old for other in self.channels.values() if other is not link
         ):
+            old.forget_blocked(self)
             self.upstream_unblocked(old)
-        link.upstream = None
-        link.upstream_channel = 0
-        self.proxy.metrics.channel_moved(self)
+        link.unplace()
+        self.proxy.metrics.channel_moved(self.vhost)
         log.debug(
             "channel moved to a publishing connection",
             extra=self._log_extra("channel_moved", channel=link.client_channel, upstream_id=old.id),
@@ -1025,7 +1055,7 @@ class ClientSession:
             raise ProtocolError(c.FRAME_ERROR, f"cannot decode {method_name(method)}: {exc}", method) from exc
         link.check_control(method, args)
         if method == c.CHANNEL_CLOSE:
-            self._on_client_channel_close(link)
+            link.close_event(CloseEvent.CLIENT_CLOSE)  # forwarded: the broker's Close-Ok answers it
             return True
         if method == c.CHANNEL_CLOSE_OK:
             return False  # nothing to acknowledge on an open channel
@@ -1077,48 +1107,19 @@ class ClientSession:
             return None
         return bytes(buf[start : start + 4]) + _ACK_ARGS.pack(upstream_tag, bits)
 
-    def _on_client_channel_close(self, link: Link) -> None:
-        """The client closes an open channel: the broker's Close-Ok will answer it."""
-        link.begin_close()
-        link.c_close_received = True
-        link.u_close_sent = True
-
     def _on_closing_channel_method(self, link: Link, method: tuple[int, int]) -> None:
-        """On a closing channel only Close and Close-Ok matter (spec 1.5.2.5); the rest is dropped."""
+        """On a closing (or never placed) channel only Close and Close-Ok matter (spec 1.5.2.5);
+        the rest is dropped. A duplicate Close never reaches the shared connection."""
         if link.client is None:
             return  # the session was torn down meanwhile (e.g. while flushing); nothing is ours
-        upstream = link.upstream
-        if upstream is None:  # never placed: only the client side exists
-            if method == c.CHANNEL_CLOSE_OK and link.c_close_sent:
-                link.c_close_ok_received = True
-                self.forget(link)
-            return
         if method == c.CHANNEL_CLOSE:
-            if link.c_close_received:
-                return  # a duplicate Close: never let it reach the shared connection
-            link.c_close_received = True
-            if link.u_close_received and not link.u_close_ok_sent:
-                # The broker closed this channel and the client's Close crossed its Close: the
-                # client is done with the channel, so the broker's Close is answered now. Never
-                # with a Close of ours: RabbitMQ may not answer a Close on a channel it is
-                # closing (its Close-Ok dies with the channel when our Close-Ok follows).
-                link.u_close_ok_sent = True
-                upstream.send_method(link.upstream_channel, c.CHANNEL_CLOSE_OK)
-            link.c_close_ok_sent = True
-            self.outbox.put(method_frame(link.client_channel, CHANNEL_CLOSE_OK))
+            to_client, _ = link.close_event(CloseEvent.CLIENT_CLOSE)
         elif method == c.CHANNEL_CLOSE_OK:
-            if not link.c_close_sent or link.c_close_ok_received:
-                return
-            link.c_close_ok_received = True
-            if link.u_close_received and not link.u_close_ok_sent:
-                link.u_close_ok_sent = True
-                upstream.send_method(link.upstream_channel, c.CHANNEL_CLOSE_OK)
+            to_client, _ = link.close_event(CloseEvent.CLIENT_CLOSE_OK)
         else:
             return
-        if link.upstream_side_done():
-            upstream.release(link)
-        if link.client_side_done():
-            self.forget(link)
+        if to_client:
+            self.outbox.put(to_client)
 
     def _proxy_close_channel(self, link: Link, reply_code: int, detail: str, method: tuple[int, int]) -> None:
         """A channel error decided by the proxy: Close to the client, and the upstream channel closed."""
@@ -1129,23 +1130,11 @@ class ClientSession:
                 "channel_error", channel=link.client_channel, reply_code=reply_code, reply_text=error.text
             ),
         )
-        link.begin_close()
-        link.c_close_sent = True
-        self.outbox.put(
-            method_frame(
-                link.client_channel,
-                encode_method(
-                    c.CHANNEL_CLOSE,
-                    reply_code=reply_code,
-                    reply_text=error.text,
-                    class_id=method[0],
-                    method_id=method[1],
-                ),
-            )
-        )
+        to_client, _ = link.close_event(CloseEvent.CLIENT_ERROR, reply_code, error.text, method)
+        self.outbox.put(to_client)
         if link.upstream is not None:
             self._flush()  # what the client sent before this method goes first
-            link.upstream.close_channel(link, 200, "closed by amqproxy")
+            link.close_upstream(200, "closed by amqproxy")
 
     # ------------------------------------------------------------------ called by upstream readers
 
@@ -1162,19 +1151,19 @@ class ClientSession:
             if outbox.buffered > _HARD_BUFFER_FACTOR * self.config.client_buffer:
                 self.abort(f"slow client: more than {outbox.buffered} bytes waiting to be written", "slow_client")
 
-    def upstream_lost(self, upstream: Upstream, cause: str, links: list[Link] | None = None) -> None:
+    def upstream_lost(self, upstream: ChannelSink, node: str, cause: str, links: list[Link]) -> None:
         """`upstream` died with these channels of ours on it: recover them or close with 320."""
         if self.closing:
             return
         if self.config.upstream_failure == "recover" and not self.pool.stopping and self.vhost is not None:
-            self._begin_recovery(upstream, cause, links or [])
+            self._begin_recovery(upstream, node, cause, links)
             return
         self.close_kind = "upstream_lost"
-        self.close_connection(c.CONNECTION_FORCED, f"CONNECTION_FORCED - upstream connection lost: {cause}"[:255])
+        self.close_connection(c.CONNECTION_FORCED, f"CONNECTION_FORCED - upstream connection lost: {cause}")
 
     # ------------------------------------------------------------------ recovery (--upstream-failure recover)
 
-    def _begin_recovery(self, upstream: Upstream, cause: str, links: list[Link]) -> None:
+    def _begin_recovery(self, upstream: ChannelSink, node: str, cause: str, links: list[Link]) -> None:
         """At the loss, in the failing upstream's greenlet (never blocks): settle what cannot wait
         -- nack outstanding publishes, fail what cannot be recovered, cancel consumers of queues
         that died -- and put each remaining channel in a `Gap` that holds its client's frames;
@@ -1191,10 +1180,8 @@ class ClientSession:
             self.close_kind = "upstream_lost"
             self.close_connection(
                 c.CONNECTION_FORCED,
-                (
-                    f"CONNECTION_FORCED - upstream connection lost: a delivery on channel {cut[0]} was cut in the "
-                    f"middle of its content frames; {cause}"
-                )[:255],
+                f"CONNECTION_FORCED - upstream connection lost: a delivery on channel {cut[0]} was cut in the "
+                f"middle of its content frames; {cause}",
             )
             return
         started = time.monotonic()
@@ -1207,12 +1194,9 @@ class ClientSession:
             channel = link.client_channel
             if link.closing:
                 # A close handshake in progress: the lost side answers for the broker.
-                link.upstream = None
-                if link.c_close_received and not link.c_close_ok_sent:
-                    link.c_close_ok_sent = True
-                    outbox.put(method_frame(channel, CHANNEL_CLOSE_OK))
-                if link.client_side_done():
-                    self.forget(link)
+                to_client, _ = link.close_event(CloseEvent.UPSTREAM_GONE)
+                if to_client:
+                    outbox.put(to_client)
                 continue
             tracker = link.confirms
             if tracker is not None:
@@ -1246,7 +1230,7 @@ class ClientSession:
             link.upstream = gap  # type: ignore[assignment]  # duck-types Upstream for the forwarding loop
             link.upstream_channel = channel
             gaps.append((link, gap))
-        gevent.spawn(self._recover, upstream.node.label, cause, started, gaps, counts)
+        gevent.spawn(self._recover, node, cause, started, gaps, counts)
 
     def _cancel_lost_consumers(self, link: Link, counts: dict[str, int]) -> bool:
         """Consumers on queues that died with the upstream (exclusive, auto-delete, server-named)
@@ -1279,27 +1263,18 @@ class ClientSession:
         log.warning(
             "channel not recovered",
             extra=self._log_extra(
-                "recovery_channel_failed", channel=link.client_channel, reason=reason, reply_text=text[:255]
+                "recovery_channel_failed", channel=link.client_channel, reason=reason, reply_text=reply_text(text)
             ),
         )
         gap = link.upstream
-        link.upstream = None
         if isinstance(gap, Gap):
             gap.end()
-        if link.closing:
-            if link.c_close_received and not link.c_close_ok_sent:
-                link.c_close_ok_sent = True
-                self.outbox.put(method_frame(link.client_channel, CHANNEL_CLOSE_OK))
-            if link.client_side_done():
-                self.forget(link)
-            return
-        link.begin_close()
-        link.c_close_sent = True
-        self.outbox.put(
-            method_frame(
-                link.client_channel, encode_method(c.CHANNEL_CLOSE, reply_code=reply_code, reply_text=text[:255])
-            )
-        )
+        was_closing = link.closing
+        to_client, _ = link.close_event(CloseEvent.UPSTREAM_GONE)  # the lost side answers for the broker
+        if not was_closing:
+            to_client, _ = link.close_event(CloseEvent.CLIENT_ERROR, reply_code, reply_text(text))
+        if to_client:
+            self.outbox.put(to_client)
 
     def _recover(
         self, node: str, cause: str, started: float, gaps: list[tuple[Link, Gap]], counts: dict[str, int]
@@ -1326,7 +1301,7 @@ class ClientSession:
                     self.close_connection(
                         c.CONNECTION_FORCED,
                         f"CONNECTION_FORCED - upstream connection lost: {cause}; not recovered within "
-                        f"{self.config.recovery_timeout:g} s ({result[8:] or 'no upstream'})"[:255],
+                        f"{self.config.recovery_timeout:g} s ({result[8:] or 'no upstream'})",
                     )
                     break
                 else:
@@ -1351,7 +1326,7 @@ class ClientSession:
             extra=self._log_extra(
                 "recovery",
                 node=node,
-                cause=cause[:255],
+                cause=reply_text(cause),
                 outcome=outcome,
                 duration_s=round(duration, 3),
                 channels=counts["recovered"] + counts["failed"],
@@ -1370,7 +1345,7 @@ class ClientSession:
         the broker's refusal."""
         delays = self.pool.backoff.delays()
         last_error = ""
-        role = link.role or "consume"
+        role = link.role or Role.CONSUME
         while True:
             if self.closing or link.client is None:
                 return "client_gone"
@@ -1381,15 +1356,14 @@ class ClientSession:
                 return f"timeout: {last_error}" if last_error else "timeout"
             stand_in = Link(None, link.client_channel, None, 0)
             try:
-                opened = self.pool.place(self, stand_in, role, deadline)
+                upstream, opened = self.pool.place(self, stand_in, role, deadline)
             except UpstreamError as exc:
                 last_error = exc.text
                 if exc.permanent:
                     return f"timeout: {exc.text}"
                 gevent.sleep(min(next(delays), max(0.0, deadline - time.monotonic())))
                 continue
-            upstream = stand_in.upstream
-            assert upstream is not None
+            self.preferred[role] = upstream
             channel = stand_in.upstream_channel
             replay = stand_in.replay = Replay(1)
             stand_in.waiter = waiter = AsyncResult()
@@ -1411,19 +1385,19 @@ class ClientSession:
             if not ok:
                 if replay.error:
                     return replay.error
-                if upstream.state == "open":  # no answer in time
-                    upstream.close_channel(stand_in, 200, "recovery timed out")
+                if upstream.alive:  # no answer in time
+                    stand_in.close_upstream(200, "recovery timed out")
                 continue  # the new upstream died too: place again
             if self.closing or link.client is None or link.upstream is not gap:
-                upstream.close_channel(stand_in, 200, "client connection closed")
+                stand_in.close_upstream(200, "client connection closed")
                 return "client_gone"
             # The move: from here to the send nothing yields, so no client frame can overtake.
             stand_in.replay = None
-            upstream.links[channel] = link
-            link.upstream = upstream
+            upstream.replace_link(channel, link)
+            link.upstream = upstream  # the channel's close state carries over (a Close held in the gap)
             link.upstream_channel = channel
             if upstream.role is None:
-                upstream.role = role if self.config.separate_publishers else "any"
+                upstream.role = role if self.config.separate_publishers else Role.ANY
             self.preferred[upstream.role] = upstream
             self.upstream_ids.add(upstream.id)
             out = bytearray()
@@ -1442,19 +1416,18 @@ class ClientSession:
             gap.held.clear()
             upstream.send(out)
             gap.end()
-            if upstream.blocked_reason is not None:
-                self.upstream_blocked(upstream, upstream.blocked_reason)
+            upstream.tell_blocked(self)
             return "recovered"
 
-    def upstream_blocked(self, upstream: Upstream, reason: str) -> None:
+    def upstream_blocked(self, upstream: BlockingUpstream, reason: str) -> bool:
         if "connection.blocked" not in self.capabilities or self.closing:
-            return
+            return False
         if not self.blocked_by:
             self.outbox.put(method_frame(0, encode_method(c.CONNECTION_BLOCKED, reason=reason)))
         self.blocked_by.add(upstream)
-        upstream.blocked_clients.add(self)
+        return True
 
-    def upstream_unblocked(self, upstream: Upstream) -> None:
+    def upstream_unblocked(self, upstream: BlockingUpstream) -> None:
         if upstream not in self.blocked_by:
             return
         self.blocked_by.discard(upstream)

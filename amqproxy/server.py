@@ -13,6 +13,7 @@ import signal
 import socket
 import ssl
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import gevent
@@ -289,6 +290,23 @@ class Proxy:
 
     def forget(self, session: ClientSession) -> None:
         self.sessions.discard(session)
+
+    # ------------------------------------------------------------------ live state (metrics.LiveSource)
+
+    def live_clients(self) -> Iterator[tuple[str, str, int]]:
+        for session in list(self.sessions):
+            if session.vhost is not None:  # past its handshake
+                yield session.vhost, session.username, len(session.channels)
+
+    def live_upstreams(self) -> Iterator[tuple[str, str, int, str, str]]:
+        pool = self.pool
+        for upstream in pool.all_upstreams() + list(pool.closing):
+            user, _password, vhost = upstream.key
+            yield upstream.node.label, upstream.state.value, len(upstream.links), vhost, user
+
+    def live_nodes(self) -> Iterator[tuple[str, str]]:
+        for state in self.pool.nodes.states:
+            yield state.node.label, state.breaker.state
 
     # ------------------------------------------------------------------ janitor
 

@@ -40,6 +40,9 @@ import pika
 import pika.exceptions
 import pytest
 
+from tests.support.ports import free_port
+from tests.support.settings import BROKER_HOST, BROKER_PORT
+
 pytestmark = pytest.mark.timeout(600)
 
 REPO = Path(__file__).resolve().parents[2]
@@ -47,9 +50,6 @@ APPLIANCE = REPO / "appliance"
 PROVISION = APPLIANCE / "provision.sh"
 DASHBOARD = APPLIANCE / "grafana" / "amqproxy-dashboard.json"
 
-_broker = os.environ.get("AMQPROXY_TEST_BROKER", "127.0.0.1:5672")
-BROKER_HOST, _, _broker_port = _broker.rpartition(":")
-BROKER_PORT = int(_broker_port)
 
 # The environment systemd gives a system service before Environment=/EnvironmentFile=.
 SYSTEMD_BASE_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
@@ -67,12 +67,6 @@ DASHBOARD_METRICS = (
     "process_resident_memory_bytes",
     "process_cpu_seconds_total",
 )
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:

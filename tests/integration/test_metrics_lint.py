@@ -23,7 +23,9 @@ from dataclasses import dataclass
 import pika
 import pika.exceptions
 import pytest
-from conftest import REPO_ROOT, UPSTREAM_URL, ProxyProcess
+
+from tests.support.proxy import ProxyProcess
+from tests.support.settings import REPO_ROOT, UPSTREAM_URL
 
 from ._support import wait_until
 

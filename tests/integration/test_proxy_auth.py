@@ -16,9 +16,9 @@ import amqp
 import pika
 import pika.exceptions
 import pytest
-from conftest import REPO_ROOT
 
 from amqproxy.auth import hash_password
+from tests.support.settings import REPO_ROOT
 
 from ._support import run_async, wait_until
 

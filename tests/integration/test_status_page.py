@@ -25,7 +25,8 @@ from pathlib import Path
 import pika
 import pika.exceptions
 import pytest
-from conftest import REPO_ROOT, UPSTREAM_URL
+
+from tests.support.settings import REPO_ROOT, UPSTREAM_URL
 
 from ._support import secret_file
 

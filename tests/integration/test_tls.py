@@ -21,9 +21,10 @@ import amqp
 import pika
 import pika.exceptions
 import pytest
-from conftest import free_port
 from cryptography import x509
 from tlspki import PKI
+
+from tests.support.ports import free_port
 
 from ._support import run_async, wait_until
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import BROKER_HOST, BROKER_PORT, REPO_ROOT
+from tests.support.settings import BROKER_HOST, BROKER_PORT, REPO_ROOT
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 
