@@ -34,6 +34,8 @@ setup(
             "cryptography>=41",
             # Drives Debian's chromium through chromium-driver in the status page's browser test.
             "selenium>=4.20",
+            "kubernetes-validate>=1.28",  # deploy/kubernetes/ validated offline (bundled schemas)
+            "PyYAML>=6",
         ],
     },
     entry_points={"console_scripts": ["amqproxy=amqproxy.cli:main"]},

@@ -83,6 +83,12 @@ class ClientLeg(Protocol):
     def upstream_lost(self, upstream: ChannelSink, node: str, cause: str, links: list[Link]) -> None:
         """`upstream` (to `node`) died with these channels of the client on it."""
 
+    def close_connection(
+        self, reply_code: int, text: str, method: tuple[int, int] = (0, 0), kind: str | None = None
+    ) -> None:
+        """Connection.Close to the client (e.g. the broker's own, when the client's method made
+        the broker close a shared upstream connection); never blocks."""
+
     def upstream_blocked(self, upstream: BlockingUpstream, reason: str) -> bool:
         """The broker blocked `upstream` (connection.blocked); whether the client was told."""
 
@@ -163,6 +169,17 @@ class Link(ChannelGuard):
         self.upstream = upstream
         self.upstream_channel = upstream_channel
         self.upstream_side = UpstreamSide.OPEN
+
+    def hold_in(self, gap: Gap) -> None:
+        """A recovery holds the channel's frames (in the client's own channel id) until it moves."""
+        self.upstream = gap
+        self.upstream_channel = self.client_channel
+
+    def moved_to(self, upstream: ChannelSink, upstream_channel: int) -> None:
+        """Recovered onto a fresh upstream channel; the close state carries over (a Close held
+        in the gap goes out on the new channel)."""
+        self.upstream = upstream
+        self.upstream_channel = upstream_channel
 
     def unplace(self) -> None:
         """The channel leaves its upstream channel (to get a fresh one elsewhere)."""

@@ -283,7 +283,8 @@ class Pool:
             if not candidates and fail_fast and self.nodes.all_open():
                 raise UpstreamError(
                     "every upstream node's circuit breaker is open"
-                    + (f" (last error: {last_error.text})" if last_error else self._last_node_error())
+                    + (f" (last error: {last_error.text})" if last_error else self._last_node_error()),
+                    breaker_open=True,
                 )
             for node_state in candidates:
                 if self.stopping:

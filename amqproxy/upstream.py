@@ -41,7 +41,7 @@ from .protocol.frames import (
 )
 from .protocol.handshake import Credentials, negotiate, start_ok_payload, tune_ok_payload
 from .protocol.rules import Role
-from .recovery import BASIC_QOS_OK, REPLY_METHODS, delivery_tag_position, shift_tag
+from .recovery import BASIC_QOS_OK, REPLY_METHODS, culprit, delivery_tag_position, shift_tag
 
 if TYPE_CHECKING:
     from .config import Config, Node
@@ -102,13 +102,15 @@ class UpstreamError(Exception):
 
     `reply_code` is the broker's AMQP code when it answered (403, 530...), else 0. `permanent`
     failures (credentials, vhost, permissions) are not worth retrying on another node.
+    `breaker_open`: nothing was tried, every node's circuit breaker is open.
     """
 
-    def __init__(self, text: str, reply_code: int = 0, permanent: bool = False) -> None:
+    def __init__(self, text: str, reply_code: int = 0, permanent: bool = False, breaker_open: bool = False) -> None:
         super().__init__(text)
         self.text = text
         self.reply_code = reply_code
         self.permanent = permanent
+        self.breaker_open = breaker_open  # refused at once: every node's circuit breaker is open
 
 
 class Upstream:
@@ -134,6 +136,8 @@ class Upstream:
         self.last_recv = self.created
         self.blocked_reason: str | None = None
         self.close_cause = ""
+        # The broker's Connection.Close, when it closed us: (reply code, text, class and method).
+        self.broker_close: tuple[int, str, tuple[int, int]] | None = None
         self.role: Role | None = None  # role of its client channels; None when it has none
         self.blocked_clients: set[ClientLeg] = set()  # clients sent connection.blocked for us
         self.counted = False  # counted in its node's connection count
@@ -529,6 +533,7 @@ class Upstream:
             self.send_method(0, c.CONNECTION_CLOSE_OK)
             if self.outbox is not None:
                 self.outbox.close_when_drained()
+            self.broker_close = (args["reply_code"], args["reply_text"], (args["class_id"], args["method_id"]))
             self.fail(
                 f"broker closed the upstream connection: {args['reply_code']} {args['reply_text']}",
                 close_socket=False,
@@ -663,6 +668,11 @@ class Upstream:
     def forget_blocked(self, client: ClientLeg) -> None:
         self.blocked_clients.discard(client)
 
+    def assign_role(self, role: Role) -> None:
+        """The role of the channels this connection carries, if it carries none yet."""
+        if self.role is None:
+            self.role = role
+
     def replace_link(self, channel: int, link: Link) -> None:
         """Upstream channel `channel` now belongs to `link` (a channel moving on or off it)."""
         self.links[channel] = link
@@ -748,10 +758,25 @@ class Upstream:
                 },
             )
         self.pool.exclusive.forget_upstream(self)
+        blamed = self._blamed(lost)
         for client, links in lost.items():
-            client.upstream_lost(self, self.node.label, cause, links)
+            if client is blamed and self.broker_close is not None:
+                # As on its own connection: the broker's code and text, and no recovery (which
+                # would replay the method into the next upstream connection).
+                code, text, method = self.broker_close
+                client.close_connection(code, text, method, kind="protocol_error")
+            else:
+                client.upstream_lost(self, self.node.label, cause, links)
         if close_socket:
             self._finish()
+
+    def _blamed(self, lost: dict[ClientLeg, list[Link]]) -> ClientLeg | None:
+        """The client whose method made the broker close this shared connection with an error
+        (recovery.culprit), if one alone can have; never for 320 (node shutdown, maintenance)."""
+        if self.broker_close is None or self.broker_close[0] in (c.REPLY_SUCCESS, c.CONNECTION_FORCED):
+            return None
+        records = {client: [link.record for link in links] for client, links in lost.items()}
+        return culprit(records, self.broker_close[2], time.monotonic())
 
     def _count_closed(self, kind: str) -> None:
         metrics = self.pool.metrics

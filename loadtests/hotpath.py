@@ -22,6 +22,7 @@ import sys
 import time
 from collections import defaultdict
 from pathlib import Path
+from types import SimpleNamespace
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 KINDS = ("publish", "publish-properties", "deliver")
@@ -137,7 +138,8 @@ def run(kind: str, reads: int) -> float:
         data = _message(pc.Basic.Publish(exchange="", routing_key="q"), body, properties) * per_read
         session = ClientSession.__new__(ClientSession)
         session.sock = _Socket(data, reads)  # type: ignore[assignment]
-        session._reader = FrameReader(131072)
+        session._reader = reader = FrameReader(131072)  # older trees read it here
+        session.core = SimpleNamespace(reader=reader)
         session._batches = defaultdict(bytearray)
         session.channels = {}
         session.closing = session.throttled = False

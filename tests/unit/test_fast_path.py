@@ -26,6 +26,7 @@ from amqproxy.channel import Link
 from amqproxy.client import ClientSession
 from amqproxy.metrics import CLIENT_TO_UPSTREAM, FRAMES, UPSTREAM_TO_CLIENT
 from amqproxy.protocol import constants as c
+from amqproxy.protocol.connection import ClientConnection
 from amqproxy.protocol.content import DELIVER, PUBLISH, Run, append_frames, message_run, properties_valid
 from amqproxy.protocol.errors import ProtocolError
 from amqproxy.protocol.frames import FrameReader
@@ -201,7 +202,8 @@ def run_client(chunks: list[bytes], fast: bool, max_body: int) -> dict:
 def _run_client(chunks: list[bytes], max_body: int) -> dict:
     session = ClientSession.__new__(ClientSession)
     session.sock = _Socket(chunks)
-    session._reader = FrameReader(4096)
+    session.core = ClientConnection(0)
+    session.core.reader = FrameReader(4096)
     session.channels = {}
     session._batches = defaultdict(bytearray)
     session.closing = False
