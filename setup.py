@@ -10,6 +10,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["amqproxy", "amqproxy.*"]),
+    # The status page's static files (GET / on the admin listener).
+    package_data={"amqproxy": ["status/*.html", "status/*.js", "status/*.css"]},
     install_requires=[
         "gevent>=23.9",
         "prometheus-client>=0.17",
@@ -30,6 +32,8 @@ setup(
             "locust>=2.20",
             "toxiproxy-python>=0.1.1",
             "cryptography>=41",
+            # Drives Debian's chromium through chromium-driver in the status page's browser test.
+            "selenium>=4.20",
             "kubernetes-validate>=1.28",  # deploy/kubernetes/ validated offline (bundled schemas)
             "PyYAML>=6",
         ],

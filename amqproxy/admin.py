@@ -2,12 +2,15 @@
 
 Off the data path (gevent WSGI greenlets). JSON answers with stable field names; unknown paths
 are 404, wrong methods 405. Endpoints that change state or expose internals (DELETE
-/connections/<id>, PUT /log-level, /debug/*) require `Authorization: Bearer <--admin-token>`
-when a token is configured. Nothing here ever shows a password.
+/connections/<id>, PUT /log-level, /debug/*) and the status page (/, /status) require the
+--admin-token when one is configured: `Authorization: Bearer <token>`, or HTTP Basic auth with the
+token as the password (what a browser can send). Nothing here ever shows a password.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import hmac
 import json
@@ -27,7 +30,10 @@ from gevent.pywsgi import WSGIServer
 from gevent.util import format_run_info
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
+from . import __version__, statuspage
+from .limits import LIMIT_NAMES, Limits
 from .logsetup import LEVELS
+from .metrics import CLIENTS_REFUSED, LIMIT_REFUSALS, counter_values
 from .protocol import constants as c
 from .upstream import Upstream
 
@@ -58,6 +64,13 @@ class AdminTarget(Protocol):
     def sessions(self) -> set[ClientSession]: ...
 
     @property
+    def limits(self) -> Limits: ...
+
+    @property
+    def started_at(self) -> float:
+        """time.monotonic() at the start: /healthz's uptime."""
+
+    @property
     def stopping(self) -> bool:
         """Draining: /readyz answers 503."""
 
@@ -86,6 +99,8 @@ class AdminServer:
         self._server = WSGIServer(listener, self._app, log=None, error_log=log)
         # path -> {method: (handler, needs_token)}; "/connections/" routes by prefix.
         self._routes: dict[str, dict[str, tuple[Callable[..., Any], bool]]] = {
+            # The page checks the token itself: its refusal asks a browser for it (Basic).
+            **{path: {"GET": (self._page, False)} for path in statuspage.PATHS},
             "/healthz": {"GET": (self._healthz, False)},
             "/readyz": {"GET": (self._readyz, False)},
             "/metrics": {"GET": (self._metrics, False)},
@@ -96,6 +111,7 @@ class AdminServer:
             "/log-level": {"GET": (self._get_log_level, False), "PUT": (self._set_log_level, True)},
             "/reload": {"POST": (self._reload, True)},
             "/vhosts": {"GET": (self._paused_vhosts, False)},
+            "/limits": {"GET": (self._limits, False)},
             "/vhosts/pause": {"POST": (self._pause, True)},
             "/vhosts/resume": {"POST": (self._resume, True)},
             "/debug/greenlets": {"GET": (self._greenlets, True)},
@@ -149,7 +165,16 @@ class AdminServer:
     def _healthz(
         self, start_response: StartResponse, query: dict[str, str], environ: dict[str, Any]
     ) -> Iterable[bytes]:
-        return _json(start_response, "200 OK", {"status": "ok", "clients": len(self.proxy.sessions)})
+        return _json(
+            start_response,
+            "200 OK",
+            {
+                "status": "ok",
+                "clients": len(self.proxy.sessions),
+                "version": __version__,
+                "uptime_s": round(time.monotonic() - self.proxy.started_at, 3),
+            },
+        )
 
     def _readyz(self, start_response: StartResponse, query: dict[str, str], environ: dict[str, Any]) -> Iterable[bytes]:
         reasons = []
@@ -185,6 +210,7 @@ class AdminServer:
                     "upstream_connections": {"in_use": 0, "idle": 0},
                     "upstream_channels": 0,
                     "nodes": {},
+                    "upstream_connections_by_node": {},
                 },
             )
 
@@ -196,9 +222,12 @@ class AdminServer:
         for upstream in self.proxy.pool.all_upstreams():
             user, _password, vhost = upstream.key
             item = entry(vhost, user)
-            item["upstream_connections"]["in_use" if upstream.links else "idle"] += 1
+            use = "in_use" if upstream.links else "idle"
+            item["upstream_connections"][use] += 1
             item["upstream_channels"] += len(upstream.links)
             item["nodes"][upstream.node.label] = item["nodes"].get(upstream.node.label, 0) + 1
+            by_node = item["upstream_connections_by_node"].setdefault(upstream.node.label, {"in_use": 0, "idle": 0})
+            by_node[use] += 1
         items = sorted(pools.values(), key=lambda p: (p["vhost"], p["user"]))
         totals = {
             "clients": sum(p["clients"] for p in items),
@@ -301,7 +330,45 @@ class AdminServer:
             )
             if query.get("channels") in ("1", "true"):
                 connections[-1]["channel_list"] = [_describe_link(link) for link in upstream.links.values()]
-        return _json(start_response, "200 OK", {"nodes": nodes, "connections": connections})
+        events = pool.nodes.recent.snapshot()
+        return _json(start_response, "200 OK", {"nodes": nodes, "connections": connections, "events": events})
+
+    def _limits(self, start_response: StartResponse, query: dict[str, str], environ: dict[str, Any]) -> Iterable[bytes]:
+        """The limits in force and what they refused, and every refusal before OpenOk by reason."""
+        config = self.proxy.config
+        alarm_only = self.proxy.limits.alarm_only
+        hits = counter_values(LIMIT_REFUSALS)
+        limits = []
+        for name in LIMIT_NAMES:
+            value = getattr(config, name)
+            limits.append(
+                {
+                    "limit": name,
+                    "option": "--" + name.replace("_", "-"),
+                    "value": value,
+                    "mode": "off" if not value else ("alarm" if name in alarm_only else "enforced"),
+                    "refused": int(hits.get((name, "enforced"), 0)),
+                    "would_refuse": int(hits.get((name, "alarm"), 0)),
+                }
+            )
+        payload = {
+            "limits": limits,
+            "upstream_limits": {
+                "max_upstreams": config.max_upstreams,
+                "max_upstreams_per_credential": config.max_upstreams_per_credential,
+            },
+            "limit_refusal_delay_s": config.limit_refusal_delay,
+            "access": {
+                "allow_cidr": [str(network) for network in config.allow_cidr],
+                "deny_cidr": [str(network) for network in config.deny_cidr],
+                "authz_policy": config.authz_policy is not None,
+            },
+            "refused": {reason: int(n) for (reason,), n in sorted(counter_values(CLIENTS_REFUSED).items()) if n},
+        }
+        return _json(start_response, "200 OK", payload)
+
+    def _page(self, start_response: StartResponse, query: dict[str, str], environ: dict[str, Any]) -> Iterable[bytes]:
+        return page_response(environ, start_response, self.proxy.config.admin_token)
 
     # ------------------------------------------------------------------ runtime controls and debugging
 
@@ -416,15 +483,37 @@ def _sample_stacks(seconds: float) -> dict[str, Any]:
 
 def token_refusal(environ: dict[str, Any], token: str | None) -> HTTPError | None:
     """Why a request may not use a token-protected endpoint, or None when it may (also used by
-    the --workers supervisor, which answers some of those endpoints itself)."""
+    the --workers supervisor, which answers some of those endpoints itself).
+
+    The token comes as `Authorization: Bearer <token>`, or as the password of HTTP Basic auth
+    (any user name): a browser can send only the latter, and asks for it by itself."""
     if not token:
         return None
-    header = environ.get("HTTP_AUTHORIZATION", "")
-    if not header.startswith("Bearer "):
+    given = _presented_token(environ.get("HTTP_AUTHORIZATION", ""))
+    if given is None:
         return HTTPError("401 Unauthorized", "this endpoint needs Authorization: Bearer <admin token>",
                          [("WWW-Authenticate", "Bearer")])  # fmt: skip
-    if not hmac.compare_digest(header[7:].strip().encode(), token.encode()):
+    if not hmac.compare_digest(given.encode(), token.encode()):
         return HTTPError("403 Forbidden", "wrong admin token")
+    return None
+
+
+def page_response(environ: dict[str, Any], start_response: StartResponse, token: str | None) -> Iterable[bytes]:
+    """The status page's files (statuspage.PATHS), behind the admin token like the endpoints
+    above; also answered so by the --workers supervisor."""
+    return statuspage.serve(environ, start_response, token_refusal(environ, token) is None)
+
+
+def _presented_token(header: str) -> str | None:
+    scheme, _, value = header.strip().partition(" ")
+    if scheme.lower() == "bearer":
+        return value.strip()
+    if scheme.lower() == "basic":
+        try:
+            decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError):
+            return None
+        return decoded.partition(":")[2]
     return None
 
 

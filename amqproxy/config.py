@@ -334,7 +334,7 @@ OPTIONS: tuple[Option, ...] = (
         "admin_token",
         _token,
         "",
-        "bearer token required by the admin API's state-changing and debug endpoints; from the env var, the "
+        "token required by the admin API's state-changing and debug endpoints and the status page; from the env var, the "
         "config file (then mode o-r) or --admin-token-file, never a flag (ps shows it); empty = no token",
         "TOKEN",
     ),

@@ -12,18 +12,20 @@ connection ids, queue names, free text or passwords.
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 from collections import Counter as Tally
 from collections.abc import Iterable, Iterator
-from typing import Protocol
+from typing import Any, Protocol
 
 import gevent
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, Histogram, Info
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, Histogram, Info, ProcessCollector
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from . import __version__
+from .recent import FAILURE, RECOVERY, RecentEvents
 
 # Buckets from 10 microseconds to 10 seconds: the proxy's own latency lives at the low end.
 LATENCY_BUCKETS = (
@@ -160,6 +162,14 @@ CLOSE_REASONS = (
     "internal_error",
 )
 
+# What a client recovery's outcome adds to the recent upstream events (client_gone: nothing).
+RECOVERY_EVENTS = {
+    "recovered": (RECOVERY, "clients' channels re-established on another upstream connection"),
+    "partial": (RECOVERY, "clients recovered, with channels that could not be recovered closed"),
+    "timeout": (FAILURE, "clients not recovered within --recovery-timeout: closed with 320"),
+    "failed": (FAILURE, "clients closed with 320: a delivery was cut mid-message"),
+}
+
 
 class LiveSource(Protocol):
     """What the live-state gauges read from the proxy at scrape time, as plain values."""
@@ -175,10 +185,12 @@ class LiveSource(Protocol):
 
 
 class Metrics:
-    """The proxy's handle on its event metrics."""
+    """The proxy's handle on its event metrics, and on the recent upstream failures and
+    recoveries the admin API lists (shared with the pool's NodeSet, which adds the node events)."""
 
     def __init__(self, source: LiveSource) -> None:
         REGISTRY.register(LiveStateCollector(source))
+        self.recent = RecentEvents()
 
     def client_opened(self, vhost: str, user: str, handshake_seconds: float) -> None:
         CLIENTS_OPENED.labels(vhost, user).inc()
@@ -225,6 +237,8 @@ class Metrics:
 
     def recovery(self, outcome: str, seconds: float, recovered: int, cancelled: int, nacked: int) -> None:
         RECOVERIES.labels(outcome).inc()
+        if outcome in RECOVERY_EVENTS:
+            self.recent.add(RECOVERY_EVENTS[outcome][0], "", RECOVERY_EVENTS[outcome][1])
         RECOVERY_DURATION.observe(seconds)
         RECOVERY_CHANNELS.inc(recovered)
         RECOVERY_CONSUMERS_CANCELLED.inc(cancelled)
@@ -235,6 +249,16 @@ class Metrics:
 
     def stale_ack(self) -> None:
         RECOVERY_STALE_ACKS.inc()
+
+
+def counter_values(counter: Counter) -> dict[tuple[str, ...], float]:
+    """A labelled counter's values in this process, by label values (for the admin JSON)."""
+    values: dict[tuple[str, ...], float] = {}
+    for family in counter.collect():
+        for sample in family.samples:
+            if sample.name.endswith("_total"):
+                values[tuple(sample.labels.values())] = sample.value
+    return values
 
 
 class LiveStateCollector(Collector):
@@ -394,7 +418,7 @@ def mark_worker_dead(pid: int) -> None:
     multiprocess.mark_process_dead(pid)
 
 
-def multiprocess_exposition(supervisor_state: dict[str, int]) -> tuple[bytes, str]:
+def multiprocess_exposition(supervisor_state: dict[str, Any]) -> tuple[bytes, str]:
     """The /metrics text of the whole proxy: every process's files plus the supervisor's view."""
     from prometheus_client import CollectorRegistry, generate_latest, multiprocess
 
@@ -405,14 +429,29 @@ def multiprocess_exposition(supervisor_state: dict[str, int]) -> tuple[bytes, st
 
 
 class _SupervisorCollector(Collector):
-    def __init__(self, state: dict[str, int]) -> None:
+    """What the supervisor knows: the build, its workers, and every process's process_* metrics."""
+
+    def __init__(self, state: dict[str, Any]) -> None:
         self.state = state
 
-    def collect(self) -> Iterator[GaugeMetricFamily | InfoMetricFamily]:
+    def collect(self) -> Iterator[Metric]:
         info = InfoMetricFamily("amqproxy_build", "amqproxy version and build")
         info.add_metric([], BUILD_LABELS)
         yield info
-        workers = GaugeMetricFamily("amqproxy_workers", "Worker processes: configured and alive", labels=["state"])
-        workers.add_metric(["configured"], self.state["workers"])
-        workers.add_metric(["alive"], self.state["alive"])
-        yield workers
+        # Two metrics, not one with a state label: configured + alive would be a meaningless sum.
+        yield GaugeMetricFamily("amqproxy_workers_configured", "Worker processes configured", self.state["workers"])
+        yield GaugeMetricFamily("amqproxy_workers_alive", "Worker processes alive", self.state["alive"])
+        yield from _process_families(self.state["processes"])
+
+
+def _process_families(processes: dict[str, int]) -> list[Metric]:
+    """prometheus-client's process metrics (CPU, memory, open files) of each process, one series
+    per process labelled `worker` (its index, or "supervisor"): the multiprocess registry has no
+    process collector, and summed values would hide which worker grows."""
+    merged: dict[str, Metric] = {}
+    for label, pid in processes.items():
+        for family in ProcessCollector(pid=functools.partial(str, pid), registry=None).collect():
+            target = merged.setdefault(family.name, Metric(family.name, family.documentation, family.type))
+            for sample in family.samples:
+                target.add_sample(sample.name, dict(sample.labels, worker=label), sample.value)
+    return list(merged.values())

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .config import Node
+from .recent import FAILURE, RECOVERY, RecentEvents
 
 log = logging.getLogger("amqproxy.nodes")
 
@@ -154,8 +155,10 @@ class NodeSet:
         on_breaker_change: Callable[[Node, str, str], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
+        recent: RecentEvents | None = None,
     ) -> None:
         self.strategy = strategy
+        self.recent = recent if recent is not None else RecentEvents()
         self.max_open_percent = max_open_percent
         self._clock = clock
         self._rng = rng or random.Random()
@@ -170,6 +173,10 @@ class NodeSet:
                 "circuit breaker state change",
                 extra={"event": "breaker_state", "node": node.label, "from": old, "to": new},
             )
+            if new == OPEN:
+                self.recent.add(FAILURE, node.label, "circuit breaker opened: no new connections to this node for now")
+            elif new == CLOSED:
+                self.recent.add(RECOVERY, node.label, "circuit breaker closed: the node takes new connections again")
             if self._on_breaker_change is not None:
                 self._on_breaker_change(node, old, new)
 
@@ -224,11 +231,18 @@ class NodeSet:
         return sum(1 for s in live if s.breaker.state != CLOSED) < limit
 
     def record_failure(self, state: NodeState, error: str) -> None:
+        self.recent.add(FAILURE, state.node.label, error)
         state.last_error = error
         state.last_error_at = self._clock()
         state.breaker.record_failure(may_open=state.breaker.state != CLOSED or self.may_open_another())
 
     def record_success(self, state: NodeState) -> None:
+        failures = state.breaker.consecutive_failures
+        if failures and state.breaker.state == CLOSED:  # a closing breaker records its own recovery
+            plural = "s" if failures > 1 else ""
+            self.recent.add(
+                RECOVERY, state.node.label, f"the node answers again after {failures} failed attempt{plural}"
+            )
         state.last_success_at = self._clock()
         state.breaker.record_success()
 

@@ -76,6 +76,7 @@ class Pool:
             _breaker_policy(config),
             config.breaker_max_open_percent,
             on_breaker_change=self._breaker_changed,
+            recent=metrics.recent if metrics is not None else None,
         )
         self.backoff = BackoffPolicy(config.backoff_initial, config.backoff_max, config.backoff_multiplier)
         self._ids = itertools.count(1)

@@ -42,6 +42,7 @@ DRAIN_REPORT_INTERVAL = 5.0
 class Proxy:
     def __init__(self, config: Config, admin_socket: str | None = None) -> None:
         self.config = config
+        self.started_at = time.monotonic()
         # Under --workers, the admin API listens on this unix socket for the supervisor instead.
         self.admin_socket = admin_socket
         self.metrics = Metrics(self)

@@ -7,7 +7,8 @@ sees as "the proxy":
 
 - the admin API on --http-listen, answered for all workers: each worker serves its own admin
   API on a unix socket in a private run directory, and the supervisor fans requests out and
-  merges the JSON answers;
+  merges the JSON answers (the status page's files it serves itself: its script then polls
+  the merged answers);
 - /metrics, from prometheus-client's multiprocess files (every worker, and the supervisor,
   writes there; live-state gauges are bridged by each worker, see metrics.MultiprocessBridge);
 - signals: SIGTERM/SIGINT drain every worker (a second one forces them), SIGHUP validates the
@@ -37,8 +38,9 @@ from gevent import subprocess
 from gevent.event import Event
 from gevent.pywsgi import WSGIServer
 
-from . import __version__
+from . import __version__, statuspage
 from .config import OPTIONS, Config, ConfigError, parse_config
+from .recent import EVENTS_KEPT
 
 log = logging.getLogger("amqproxy.supervisor")
 
@@ -61,6 +63,7 @@ class WorkerProcess:
         self.index = index
         self.admin_socket = os.path.join(run_dir, f"worker-{index}.sock")
         self.proc: subprocess.Popen | None = None
+        self.started_at = 0.0  # monotonic time of the current process's start
         self.restarts = 0
         self.crashes: list[float] = []
 
@@ -111,12 +114,14 @@ class Supervisor:
         # workers (which inherit the variable) lives in files there, summed at scrape time.
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
         from . import metrics
-        from .admin import token_refusal
+        from .admin import page_response, token_refusal
 
         self.metrics = metrics
         self._token_refusal = token_refusal
+        self._page_response = page_response
         self.metrics_dir = metrics_dir
         self.workers = [WorkerProcess(i, self.run_dir) for i in range(config.workers)]
+        self.started_at = time.monotonic()
         self.stopping = False
         self.started = False  # every worker answered once; before that a dying worker aborts the start
         self._stopped = Event()
@@ -167,6 +172,7 @@ class Supervisor:
         argv = self.config.sources[0]
         argv = sys.argv[1:] if argv is None else argv
         env = dict(os.environ, **{WORKER_ENV: str(worker.index), WORKER_ADMIN_ENV: worker.admin_socket})
+        worker.started_at = time.monotonic()
         worker.proc = subprocess.Popen(
             [sys.executable, "-m", "amqproxy", *argv],
             env=env,
@@ -287,6 +293,8 @@ class Supervisor:
             return _respond(start_response, 200, text, content_type)
         if path == "/healthz" and method in ("GET", "HEAD"):
             return self._healthz(start_response)
+        if path in statuspage.PATHS and method in ("GET", "HEAD"):
+            return self._page_response(environ, start_response, self.config.admin_token)  # type: ignore[no-any-return]
         if path == "/readyz" and self.stopping:
             draining = {"ready": False, "reasons": ["draining: the proxy is shutting down"]}
             return _respond(start_response, 503, json.dumps(draining).encode(), "application/json")
@@ -315,17 +323,29 @@ class Supervisor:
     def _healthz(self, start_response: StartResponse) -> Iterable[bytes]:
         answers = self._fan_out("GET", "/healthz", {}, b"")
         serving = [json.loads(body) for _w, status, body, _t in answers if status == 200]
+        now = time.monotonic()
         payload = {
             "status": "ok" if serving else "no worker serving",
             "clients": sum(item.get("clients", 0) for item in serving),
+            "version": __version__,
+            "uptime_s": round(now - self.started_at, 3),
             "workers": [
-                {"worker": w.index, "pid": w.pid, "alive": w.alive, "restarts": w.restarts} for w in self.workers
+                {
+                    "worker": w.index,
+                    "pid": w.pid,
+                    "alive": w.alive,
+                    "restarts": w.restarts,
+                    "uptime_s": round(now - w.started_at, 3) if w.alive else None,
+                }
+                for w in self.workers
             ],
         }
         return _respond(start_response, 200 if serving else 503, json.dumps(payload).encode(), "application/json")
 
-    def _supervisor_state(self) -> dict[str, int]:
-        return {"workers": len(self.workers), "alive": sum(1 for w in self.workers if w.alive)}
+    def _supervisor_state(self) -> dict[str, Any]:
+        processes = {"supervisor": os.getpid()}
+        processes.update({str(w.index): w.pid for w in self.workers if w.alive and w.pid is not None})
+        return {"workers": len(self.workers), "alive": sum(1 for w in self.workers if w.alive), "processes": processes}
 
 
 def merge_answers(path: str, answers: list[tuple[int, int, bytes, str]]) -> tuple[int, bytes, str]:
@@ -348,7 +368,13 @@ def merge_answers(path: str, answers: list[tuple[int, int, bytes, str]]) -> tupl
     if path == "/connections" and status == 200:
         merged: dict[str, Any] = {"connections": _tagged(bodies, "connections")}
     elif path == "/upstreams" and status == 200:
-        merged = {"nodes": _tagged(bodies, "nodes"), "connections": _tagged(bodies, "connections")}
+        merged = {
+            "nodes": _tagged(bodies, "nodes"),
+            "connections": _tagged(bodies, "connections"),
+            "events": sorted(_tagged(bodies, "events"), key=lambda e: e.get("at", 0), reverse=True)[:EVENTS_KEPT],
+        }
+    elif path == "/limits" and status == 200:
+        merged = _merge_limits([body for _i, body in bodies])
     elif path == "/stats" and status == 200:
         merged = _merge_stats([body for _i, body in bodies])
     elif path == "/vhosts" and status == 200:
@@ -377,6 +403,24 @@ def _merge_stats(bodies: list[dict[str, Any]]) -> dict[str, Any]:
     for body in bodies:
         totals = _sum(totals, body.get("totals", {})) if totals else body.get("totals", {})
     return {"pools": [pools[k] for k in sorted(pools)], "totals": totals}
+
+
+def _merge_limits(bodies: list[dict[str, Any]]) -> dict[str, Any]:
+    """The settings are the same in every worker (one configuration); the counts add up."""
+    merged = dict(bodies[0])
+    rows = {row["limit"]: dict(row) for row in bodies[0].get("limits", [])}
+    for body in bodies[1:]:
+        for row in body.get("limits", []):
+            if row["limit"] in rows:
+                for key in ("refused", "would_refuse"):
+                    rows[row["limit"]][key] += row.get(key, 0)
+    merged["limits"] = list(rows.values())
+    refused: dict[str, int] = {}
+    for body in bodies:
+        for reason, count in body.get("refused", {}).items():
+            refused[reason] = refused.get(reason, 0) + count
+    merged["refused"] = dict(sorted(refused.items()))
+    return merged
 
 
 def _sum(a: Any, b: Any) -> Any:

@@ -572,6 +572,15 @@ def test_metrics_feed_the_dashboard(service):
     assert not missing, f"the dashboard charts metrics the proxy does not expose: {missing}"
 
 
+def test_the_installed_package_serves_the_status_page(service):
+    """`pip install .` ships the page's static files (package_data): the installed proxy serves
+    them (the page itself is tested in a browser in tests/integration/test_status_page.py)."""
+    for path, marker in (("/status", b"<title>amqproxy status</title>"), ("/status/status.js", b"fetchJSON"),
+                         ("/status/status.css", b"table.cards")):  # fmt: skip
+        status, body = http_get(service.url(path))
+        assert status == 200 and marker in body, f"{path}: {status} {body[:200]!r}"
+
+
 # --------------------------------------------------------------------------- signals
 
 

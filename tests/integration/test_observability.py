@@ -180,7 +180,9 @@ def test_admin_api(proxy_factory, names):
     victim_ch = victim.channel()
     victim_ch.queue_declare(names.queue())
 
-    assert http_json(proc, "/healthz") == (200, {"status": "ok", "clients": 2})
+    status, health = http_json(proc, "/healthz")
+    assert status == 200 and health.pop("uptime_s") > 0
+    assert health == {"status": "ok", "clients": 2, "version": "0.1.0"}
     assert http_json(proc, "/readyz") == (200, {"ready": True, "reasons": []})
 
     status, stats = http_json(proc, "/stats")

@@ -326,6 +326,11 @@ def test_upstream_tcp_cut_is_transparent(own_broker, proxy_factory):
     assert_nacks_counted(proc, publisher)
     records = recovery_logs(proc)
     assert records and all(r["outcome"] == "recovered" for r in records), records
+    # The status page's recent events: the lost connections, and the clients brought back.
+    events = proc.admin_json("/upstreams")["events"]
+    assert any(e["kind"] == "failure" and e["node"] == f"127.0.0.1:{own_broker.port}" for e in events), events
+    (recovered,) = [e for e in events if e["kind"] == "recovery" and e["node"] is None]
+    assert recovered["count"] == len(records), events
 
 
 @pytest.mark.timeout(60)

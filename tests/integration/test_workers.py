@@ -99,7 +99,7 @@ def test_both_workers_serve_and_the_admin_api_answers_for_both(two_workers):
 
         text = scraped()
         assert metric(text, 'amqproxy_client_connections_opened_total{user="guest",vhost="/"}') == CLIENTS
-        assert metric(text, 'amqproxy_workers{state="alive"}') == 2
+        assert metric(text, "amqproxy_workers_alive") == 2 and metric(text, "amqproxy_workers_configured") == 2
         wait_until(
             lambda: metric(scraped(), 'amqproxy_client_connections{user="guest",vhost="/"}') == CLIENTS,
             timeout=5,

@@ -58,3 +58,18 @@ def test_the_architecture_guide_holds_the_channel_close_table():
     table = "| client / upstream | event | next | effects, in order |\n|---|---|---|---|\n" + "\n".join(rows) + "\n"
     guide = (ROOT / "docs" / "ARCHITECTURE.md").read_text(encoding="utf-8")
     assert table in guide, "update the close table in docs/ARCHITECTURE.md (between <!-- close-table --> markers)"
+
+
+def test_every_load_scenario_has_its_locust_report_linked_from_the_benchmarks():
+    """`python -m loadtests.run` writes Locust's own HTML report (--html); one recorded run of
+    every scenario is kept in docs/loadtests/ and linked from docs/BENCHMARKS.md."""
+    benchmarks = (ROOT / "docs" / "BENCHMARKS.md").read_text(encoding="utf-8")
+    # As loadtests.run.scenario_names() lists them (tests/loadtests shadows that package here).
+    names = sorted(p.stem for p in (ROOT / "loadtests" / "scenarios").glob("*.py") if not p.stem.startswith("_"))
+    assert len(names) >= 5
+    for name in names:
+        report = ROOT / "docs" / "loadtests" / f"{name}.html"
+        assert report.is_file(), f"no recorded Locust report for the {name} scenario: {report}"
+        text = report.read_text(encoding="utf-8", errors="replace")
+        assert "Locust" in text and f'"locustfile": "{name}.py"' in text, f"{report} is not Locust's report of {name}"
+        assert f"](loadtests/{name}.html)" in benchmarks, f"docs/BENCHMARKS.md does not link {report.name}"

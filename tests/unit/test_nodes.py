@@ -121,3 +121,26 @@ def test_reconfigure_retires_removed_nodes_and_adds_new_ones():
     assert [n.host for n in added] == ["h9"] and [n.host for n in retired] == ["h0"]
     assert {s.node.host for s in ns.candidates()} == {"h1", "h9"}
     assert ns.state_of(Node("h0", 5672, False)).retired
+
+
+def test_failures_and_recoveries_are_kept_for_the_status_page():
+    """NodeSet.recent: what failed, the breaker's trips and closes, and a node that answers again."""
+    clock = Clock()
+    ns = NodeSet([Node("h0", 5672, False), Node("h1", 5672, False)], "round-robin",
+                 BreakerPolicy(failures=2, open_time=5, jitter=0.0), 100, clock=clock, rng=random.Random(1))  # fmt: skip
+    h0, h1 = ns.states
+    ns.record_failure(h1, "cannot connect to h1:5672: refused")
+    ns.record_success(h1)  # answers again before its breaker tripped
+    ns.record_failure(h0, "cannot connect to h0:5672: refused")
+    ns.record_failure(h0, "cannot connect to h0:5672: refused")  # trips the breaker
+    clock.now += 5
+    assert h0.node in [s.node for s in ns.candidates()]  # half-open: the probe
+    ns.record_success(h0)
+    events = [(e["kind"], e["node"], e["text"], e["count"]) for e in ns.recent.snapshot()]
+    assert events == [
+        ("recovery", "h0:5672", "circuit breaker closed: the node takes new connections again", 1),
+        ("failure", "h0:5672", "circuit breaker opened: no new connections to this node for now", 1),
+        ("failure", "h0:5672", "cannot connect to h0:5672: refused", 2),
+        ("recovery", "h1:5672", "the node answers again after 1 failed attempt", 1),
+        ("failure", "h1:5672", "cannot connect to h1:5672: refused", 1),
+    ]
