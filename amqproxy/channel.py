@@ -47,6 +47,7 @@ class Link(ChannelGuard):
         "content",
         "closing",
         "waiter",
+        "open_pending",
         # recovery (see recovery.py); hot-path counters are plain attributes
         "record",
         "role",
@@ -80,6 +81,7 @@ class Link(ChannelGuard):
         self.content = bytearray()
         self.closing = False  # any Close sent or received on either side: only closes matter now
         self.waiter: AsyncResult | None = None  # set by the proxy's own round trips (health checks)
+        self.open_pending = False  # a pipelined upstream channel.open awaits its open-ok (watchdog)
         self.record = ChannelRecord()  # settings, consumers, unanswered requests (control path only)
         self.role: str | None = None  # publish / consume: where it was placed, and is placed again
         self.delivered = 0  # deliveries to the client: the last delivery tag it saw

@@ -261,7 +261,7 @@ def test_broker_kill9_and_restart(chaos, own_broker):
     run.finish(client_errors=True)
 
 
-@pytest.mark.parametrize("fault", ["kill -9 and restart", "stop_app/start_app"])
+@pytest.mark.parametrize("fault", ["kill -9 and restart", "stop_app 5 s/start_app"])
 def test_broker_restart_is_invisible_to_clients_without_recovery(chaos, own_broker, fault):
     """--upstream-failure recover (#10): publishers with confirms and consumers with manual acks
     that have NO reconnect logic ride through a broker restart. No client may see an error; every
@@ -274,7 +274,7 @@ def test_broker_restart_is_invisible_to_clients_without_recovery(chaos, own_brok
             own_broker.restart()
         else:
             own_broker.stop_app()
-            time.sleep(4)
+            time.sleep(5)
             own_broker.start_app()
     # The only thing a client may see is basic.nack for publishes in flight at the loss (it
     # publishes them again); no connection or channel error. A publish waits for its channel's
