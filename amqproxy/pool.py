@@ -28,7 +28,7 @@ import gevent
 from gevent.event import AsyncResult
 
 from .exclusive import ExclusiveQueues
-from .nodes import BackoffPolicy, BreakerPolicy, NodeSet
+from .nodes import OPEN, BackoffPolicy, BreakerPolicy, NodeSet
 from .protocol.handshake import Credentials
 from .upstream import Upstream, UpstreamError
 
@@ -470,6 +470,7 @@ class Pool:
                     upstream.close("idle timeout", "idle_timeout")
             if keep and len([u for u in self.upstreams.get(key, ()) if not u.links]) < keep:
                 self._replenish(key)
+        self._probe_open_nodes(now)
         for login, held in list(self._held.items()):
             for upstream in list(held):
                 if now - upstream.created > HELD_TTL:
@@ -477,6 +478,32 @@ class Pool:
                     upstream.abort()
             if not held:
                 del self._held[login]
+
+    def _probe_open_nodes(self, now: float) -> None:
+        """A node whose breaker opened while no client needs it any more (its clients moved to
+        another node) would stay open, its state unknown, until a client came for it: once the
+        open period is over, the janitor dials it itself (half-open probe) with a credential set
+        in use; the connection joins the pool, the idle timeout closes it."""
+        if self.stopping or not self._credentials:
+            return
+        key = next(reversed(self._credentials))  # the latest credential set proven
+        credentials = self._credentials[key]
+        for state in self.nodes.states:
+            breaker = state.breaker
+            if state.retired or breaker.state != OPEN or now < breaker.open_until:
+                continue
+            if not breaker.allows_attempt():  # half-open now; this dial is its one probe
+                continue
+            node = state.node
+
+            def probe(node: Node = node) -> None:
+                try:
+                    upstream = self._connect(node, credentials, key[2])
+                except UpstreamError:
+                    return  # recorded against the node by _connect
+                self.upstreams.setdefault(key, []).append(upstream)
+
+            gevent.spawn(probe)  # a closure: greenlet listings must not show the credentials
 
     def tick(self, now: float) -> None:
         for upstream in self.all_upstreams():

@@ -112,6 +112,7 @@ class Upstream:
         self.blocked_clients: set[ClientSession] = set()  # clients sent connection.blocked for us
         self.counted = False  # counted in its node's connection count
         self._reader: gevent.Greenlet | None = None
+        self._watch_timer: gevent.Greenlet | None = None  # the watchdog's check due before the next tick
         self._handshake = FrameReader(c.PRE_TUNE_FRAME_MAX)
 
     def __repr__(self) -> str:
@@ -697,16 +698,15 @@ class Upstream:
         if self.state != "open" or self.outbox is None:
             return
         silent = now - self.last_recv
-        timeout = self.pool.config.upstream_silence_timeout
-        if timeout and silent > timeout:
-            waiting = self.awaiting()
-            if waiting:
-                self.fail(
-                    f"silent upstream: nothing read from {self.node.label} for {silent:.1f} s while waiting for "
-                    f"{waiting} (--upstream-silence-timeout {timeout:g} s)",
-                    kind="silence_timeout",
-                )
-                return
+        timeout = self.silence_timeout()
+        if timeout and silent > timeout - TICK:
+            if silent > timeout:
+                if self._watchdog():
+                    return
+            elif self._watch_timer is None and self.awaiting():
+                # Due before the next tick: check at the very moment instead, so detection
+                # takes the silence timeout, not up to a tick more.
+                self._watch_timer = gevent.spawn_later(timeout - silent, self._watch_at_timeout)
         if not self.heartbeat:
             return
         if silent > 2 * self.heartbeat:
@@ -717,6 +717,33 @@ class Upstream:
             return
         if now - self.outbox.last_write >= self.heartbeat / 2:
             self.outbox.put(HEARTBEAT_FRAME)
+
+    def _watchdog(self) -> bool:
+        """Fail the connection if it has been silent past the timeout while awaited."""
+        silent = time.monotonic() - self.last_recv
+        timeout = self.silence_timeout()
+        if self.state != "open" or not timeout or silent < timeout:
+            return False
+        waiting = self.awaiting()
+        if not waiting:
+            return False
+        self.fail(
+            f"silent upstream: nothing read from {self.node.label} for {silent:.1f} s while waiting for "
+            f"{waiting} (--upstream-silence-timeout {timeout:g} s)",
+            kind="silence_timeout",
+        )
+        return True
+
+    def silence_timeout(self) -> float:
+        """The watchdog's timeout: --upstream-silence-timeout, but never less than one heartbeat
+        interval (an idle or blocked broker writes a heartbeat at least that often) plus 3 s for
+        a busy broker's pauses; 0 = off."""
+        timeout = self.pool.config.upstream_silence_timeout
+        return max(timeout, self.heartbeat + SILENCE_MARGIN) if timeout else 0.0
+
+    def _watch_at_timeout(self) -> None:
+        self._watch_timer = None
+        self._watchdog()
 
     def awaiting(self) -> str:
         """What the proxy waits for from the broker on this connection ("" when nothing): a
@@ -826,12 +853,17 @@ class Upstream:
         reader = self._reader
         if reader is not None and reader is not gevent.getcurrent():
             reader.kill(block=False)
+        timer, self._watch_timer = self._watch_timer, None
+        if timer is not None and timer is not gevent.getcurrent():
+            timer.kill(block=False)
 
     def _on_write_error(self, exc: BaseException) -> None:
         self.fail(f"write to {self.node.label} failed: {_describe(exc)}")
 
 
 _HAS_USER_TIMEOUT = hasattr(socket, "TCP_USER_TIMEOUT")
+TICK = 1.0  # the janitor calls tick() about this often (server.JANITOR_INTERVAL)
+SILENCE_MARGIN = 3.0  # s the watchdog allows beyond a heartbeat interval (GC pauses, a loaded host)
 
 
 def tune_socket(sock: socket.socket, keepalive: float, user_timeout: float) -> None:

@@ -240,6 +240,19 @@ class ChaosRun:
         self.violation("a new client got through during the outage")
         return ("none", None, "")
 
+    def detected(self, since: float, bound: float, reasons: tuple[str, ...] = ("silence_timeout",)) -> float | None:
+        """Seconds from `since` until the proxy ended an upstream for one of `reasons` (polled
+        every 0.1 s; recorded as the scenario's detection time), None if not within `bound`."""
+        before = sum(self.probe.metric("amqproxy_upstream_connections_closed_total", reason=r) for r in reasons)
+        deadline = since + bound
+        while time.monotonic() < deadline:
+            now = sum(self.probe.metric("amqproxy_upstream_connections_closed_total", reason=r) for r in reasons)
+            if now > before:
+                self.result.detection = time.monotonic() - since
+                return self.result.detection
+            time.sleep(0.1)
+        return None
+
     def finish(
         self,
         client_errors: bool | None = True,

@@ -15,6 +15,7 @@ COLUMNS = (
     "consumed",
     "lost",
     "client errors",
+    "detection s",
     "longest stall s",
     "recovery s",
     "duration s",
@@ -32,6 +33,7 @@ class ScenarioResult:
     lost: int = 0  # confirmed ids never consumed
     client_errors: int = 0
     longest_stall: float = 0.0
+    detection: float | None = None  # fault to the proxy's ending of the silent upstream (blackholes)
     recovery: float | None = None
     duration: float = 0.0
     violations: list[str] = field(default_factory=list)
@@ -49,6 +51,7 @@ class ScenarioResult:
             str(self.consumed),
             str(self.lost),
             str(self.client_errors),
+            "-" if self.detection is None else f"{self.detection:.1f}",
             f"{self.longest_stall:.1f}",
             "-" if self.recovery is None else f"{self.recovery:.1f}",
             f"{self.duration:.0f}",
