@@ -30,6 +30,8 @@ setup(
             "locust>=2.20",
             "toxiproxy-python>=0.1.1",
             "cryptography>=41",
+            "kubernetes-validate>=1.28",  # deploy/kubernetes/ validated offline (bundled schemas)
+            "PyYAML>=6",
         ],
     },
     entry_points={"console_scripts": ["amqproxy=amqproxy.cli:main"]},

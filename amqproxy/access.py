@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .protocol import constants as c
+from .protocol.errors import reply_text
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -125,13 +126,11 @@ def parse_policy(document: object, source: str = "") -> AuthzPolicy:
 
 
 def user_refused_text(user: str) -> str:
-    return f"ACCESS_REFUSED - user '{user}' may not connect through this proxy (--authz-policy)".encode()[:255].decode(
-        "utf-8", "ignore"
-    )
+    return reply_text(f"ACCESS_REFUSED - user '{user}' may not connect through this proxy (--authz-policy)")
 
 
 def vhost_refused_text(user: str, vhost: str) -> str:
-    return f"NOT_ALLOWED - access to vhost '{vhost}' refused for user '{user}'".encode()[:255].decode("utf-8", "ignore")
+    return reply_text(f"NOT_ALLOWED - access to vhost '{vhost}' refused for user '{user}'")
 
 
 USER_REFUSED_CODE = c.ACCESS_REFUSED

@@ -18,7 +18,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import parse_qs
 
 import gevent
@@ -29,11 +29,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from .logsetup import LEVELS
 from .protocol import constants as c
+from .upstream import Upstream
 
 if TYPE_CHECKING:
     from .channel import Link
     from .client import ClientSession
-    from .server import Proxy
+    from .config import Config
+    from .pool import Pool
 
 log = logging.getLogger("amqproxy.admin")
 
@@ -41,6 +43,31 @@ MAX_PROFILE_SECONDS = 60
 _PROFILE_INTERVAL = 0.005
 
 StartResponse = Callable[..., Any]
+
+
+class AdminTarget(Protocol):
+    """What the admin API reads and controls of the proxy (server.Proxy)."""
+
+    @property
+    def config(self) -> Config: ...
+
+    @property
+    def pool(self) -> Pool: ...
+
+    @property
+    def sessions(self) -> set[ClientSession]: ...
+
+    @property
+    def stopping(self) -> bool:
+        """Draining: /readyz answers 503."""
+
+    def reload(self, origin: str) -> dict[str, Any]: ...
+
+    def pause(self, vhost: str) -> None: ...
+
+    def resume(self, vhost: str) -> None: ...
+
+    def paused_vhosts(self) -> list[str]: ...
 
 
 class HTTPError(Exception):
@@ -52,7 +79,7 @@ class HTTPError(Exception):
 
 
 class AdminServer:
-    def __init__(self, proxy: Proxy, address: tuple[str, int] | str) -> None:
+    def __init__(self, proxy: AdminTarget, address: tuple[str, int] | str) -> None:
         """`address` is host and port, or the path of a unix socket (a worker under --workers)."""
         self.proxy = proxy
         listener: tuple[str, int] | socket.socket = address if isinstance(address, tuple) else _unix_listener(address)
@@ -202,9 +229,9 @@ class AdminServer:
         detail["channels"] = [
             {
                 "channel": link.client_channel,
-                "upstream_id": link.upstream.id if link.upstream is not None else None,
+                "upstream_id": link.upstream.id if isinstance(link.upstream, Upstream) else None,
                 "upstream_channel": link.upstream_channel or None,
-                "role": link.upstream.role if link.upstream is not None else None,
+                "role": link.upstream.role if isinstance(link.upstream, Upstream) else None,
                 "closing": link.closing,
             }
             for link in sorted(session.channels.values(), key=lambda link: link.client_channel)
@@ -426,20 +453,7 @@ def _describe_link(link: Link) -> dict[str, Any]:
         "client_channel": link.client_channel,
         "role": link.role,
         "closing": link.closing,
-        "close": {
-            name: getattr(link, name)
-            for name in (
-                "u_close_sent",
-                "u_close_received",
-                "u_close_ok_sent",
-                "u_close_ok_received",
-                "c_close_sent",
-                "c_close_received",
-                "c_close_ok_sent",
-                "c_close_ok_received",
-            )
-            if getattr(link, name)
-        },
+        "close": {"client": link.client_side.value, "upstream": link.upstream_side.value},
         "awaiting_open_ok": link.waiter is not None,
         "replay": link.replay is not None,
     }
@@ -447,7 +461,9 @@ def _describe_link(link: Link) -> dict[str, Any]:
 
 def _describe(session: ClientSession) -> dict[str, Any]:
     now = time.monotonic()
-    upstream_ids = sorted({link.upstream.id for link in session.channels.values() if link.upstream is not None})
+    upstream_ids = sorted(
+        {link.upstream.id for link in session.channels.values() if isinstance(link.upstream, Upstream)}
+    )
     return {
         "id": session.id,
         "user": session.username or None,

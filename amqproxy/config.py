@@ -71,6 +71,7 @@ class Config:
     backlog: int = 1024
     workers: int = 1
     drain_timeout: float = 30.0
+    shutdown_delay: float = 0.0
     pause_timeout: float = 60.0
     accept_proxy_protocol: bool = False
     proxy_protocol_from: list = field(default_factory=lambda: [ipaddress.ip_network("127.0.0.1/32")])
@@ -98,7 +99,7 @@ class Config:
     recovery_timeout: float = 30.0
     recovery_buffer: int = 4 * 1024 * 1024
     admin_token: str = ""
-    # TLS and authentication (#5)
+    # TLS and authentication
     tls_listen: tuple[str, int] | None = None
     tls_cert: str = ""
     tls_key: str = ""
@@ -117,7 +118,7 @@ class Config:
     tls_server: ssl.SSLContext | None = field(default=None, compare=False, repr=False)
     tls_upstream: ssl.SSLContext | None = field(default=None, compare=False, repr=False)
     auth: ProxyAuth | None = field(default=None, compare=False, repr=False)
-    # limits and access (#5)
+    # limits and access
     max_connections: int = 0
     max_connections_per_ip: int = 0
     max_connections_per_user: int = 0
@@ -434,6 +435,15 @@ OPTIONS: tuple[Option, ...] = (
         "SECONDS",
     ),
     Option(
+        "shutdown_delay",
+        _non_negative_float,
+        "0",
+        "on SIGTERM/SIGINT, keep accepting new clients this long while /readyz answers 503, so that a load "
+        "balancer's health check takes the instance out of rotation before it stops accepting; then the drain "
+        "(seconds)",
+        "SECONDS",
+    ),
+    Option(
         "accept_proxy_protocol",
         _bool,
         "false",
@@ -578,7 +588,7 @@ OPTIONS: tuple[Option, ...] = (
         "stops being read",
         "BYTES",
     ),
-    # TLS and authentication (#5)
+    # TLS and authentication
     Option(
         "tls_listen",
         parse_optional_hostport,
@@ -649,7 +659,7 @@ OPTIONS: tuple[Option, ...] = (
         "file holding --admin-token (must not be readable by everyone); re-read on reload",
         "FILE",
     ),
-    # limits and access (#5)
+    # limits and access
     Option(
         "max_connections", _non_negative_int, "0", "most client connections in total (506 beyond it); 0 = no limit", "N"
     ),

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from .protocol import constants as c
+from .protocol.errors import reply_text
 
 if TYPE_CHECKING:
     from .config import Config
@@ -140,8 +141,7 @@ class Decision:
 
 
 def _text(reply_code: int, detail: str) -> str:
-    text = f"{c.REPLY_NAMES[reply_code]} - {detail}"
-    return text.encode()[:255].decode("utf-8", "ignore")  # a shortstr: at most 255 bytes
+    return reply_text(f"{c.REPLY_NAMES[reply_code]} - {detail}")
 
 
 def _rate(rate: float) -> str:

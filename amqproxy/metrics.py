@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import os
 import platform
-import time
 from collections import Counter as Tally
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Iterable, Iterator
+from typing import Protocol
 
 import gevent
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, Histogram, Info
@@ -25,10 +24,6 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoM
 from prometheus_client.registry import Collector
 
 from . import __version__
-
-if TYPE_CHECKING:
-    from .client import ClientSession
-    from .server import Proxy
 
 # Buckets from 10 microseconds to 10 seconds: the proxy's own latency lives at the low end.
 LATENCY_BUCKETS = (
@@ -166,31 +161,43 @@ CLOSE_REASONS = (
 )
 
 
+class LiveSource(Protocol):
+    """What the live-state gauges read from the proxy at scrape time, as plain values."""
+
+    def live_clients(self) -> Iterable[tuple[str, str, int]]:
+        """(vhost, user, channels) of each client past its handshake."""
+
+    def live_upstreams(self) -> Iterable[tuple[str, str, int, str, str]]:
+        """(node, state, channels, vhost, user) of each upstream connection, closing ones included."""
+
+    def live_nodes(self) -> Iterable[tuple[str, str]]:
+        """(node, breaker state) of each upstream node."""
+
+
 class Metrics:
     """The proxy's handle on its event metrics."""
 
-    def __init__(self, proxy: Proxy) -> None:
-        self.proxy = proxy
-        REGISTRY.register(LiveStateCollector(proxy))
+    def __init__(self, source: LiveSource) -> None:
+        REGISTRY.register(LiveStateCollector(source))
 
-    def client_opened(self, client: ClientSession) -> None:
-        CLIENTS_OPENED.labels(client.vhost or "", client.username).inc()
-        HANDSHAKE_DURATION.labels(client.vhost or "").observe(time.monotonic() - client.opened_at)
+    def client_opened(self, vhost: str, user: str, handshake_seconds: float) -> None:
+        CLIENTS_OPENED.labels(vhost, user).inc()
+        HANDSHAKE_DURATION.labels(vhost).observe(handshake_seconds)
 
-    def client_closed(self, client: ClientSession) -> None:
-        CLIENTS_CLOSED.labels(client.vhost or "", client.username, client.close_kind).inc()
+    def client_closed(self, vhost: str, user: str, kind: str) -> None:
+        CLIENTS_CLOSED.labels(vhost, user, kind).inc()
 
     def client_refused(self, reason: str) -> None:
         CLIENTS_REFUSED.labels(reason).inc()
 
-    def channel_opened(self, client: ClientSession) -> None:
-        CHANNELS_OPENED.labels(client.vhost or "", client.username).inc()
+    def channel_opened(self, vhost: str | None, user: str) -> None:
+        CHANNELS_OPENED.labels(vhost or "", user).inc()
 
-    def channel_closed(self, client: ClientSession) -> None:
-        CHANNELS_CLOSED.labels(client.vhost or "", client.username).inc()
+    def channel_closed(self, vhost: str | None, user: str) -> None:
+        CHANNELS_CLOSED.labels(vhost or "", user).inc()
 
-    def channel_moved(self, client: ClientSession) -> None:
-        CHANNELS_MOVED.labels(client.vhost or "").inc()
+    def channel_moved(self, vhost: str | None) -> None:
+        CHANNELS_MOVED.labels(vhost or "").inc()
 
     def frame_failed(self, direction: str, reason: str) -> None:
         FRAMES_FAILED.labels(direction, reason).inc()
@@ -233,26 +240,24 @@ class Metrics:
 class LiveStateCollector(Collector):
     """Gauges read from the proxy's live structures at scrape time, and the hot-path counters."""
 
-    def __init__(self, proxy: Proxy) -> None:
-        self.proxy = proxy
+    def __init__(self, source: LiveSource) -> None:
+        self.source = source
 
     def describe(self) -> list[GaugeMetricFamily]:
         return []  # names are known only at scrape time; nothing to check at registration
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
-        proxy = self.proxy
+        source = self.source
         clients = GaugeMetricFamily(
             "amqproxy_client_connections", "Client connections open now", labels=["vhost", "user"]
         )
         channels = GaugeMetricFamily("amqproxy_channels", "Client channels open now", labels=["vhost", "user"])
         client_tally: Tally[tuple[str, str]] = Tally()
         channel_tally: Tally[tuple[str, str]] = Tally()
-        for session in list(proxy.sessions):
-            if session.vhost is None:
-                continue  # still in its handshake
-            key = (session.vhost, session.username)
+        for vhost, user, channel_count in source.live_clients():
+            key = (vhost, user)
             client_tally[key] += 1
-            channel_tally[key] += len(session.channels)
+            channel_tally[key] += channel_count
         for key, count in client_tally.items():
             clients.add_metric(list(key), count)
             channels.add_metric(list(key), channel_tally[key])
@@ -280,20 +285,17 @@ class LiveStateCollector(Collector):
         node_channels: Tally[str] = Tally()
         per_key: Tally[tuple[str, str, str]] = Tally()
         key_channels: Tally[tuple[str, str]] = Tally()
-        pool = proxy.pool
-        for upstream in pool.all_upstreams() + list(pool.closing):
-            by_node[(upstream.node.label, upstream.state)] += 1
-            node_channels[upstream.node.label] += len(upstream.links)
-            if upstream.state == "open":
-                user, _password, vhost = upstream.key
-                per_key[(vhost, user, "in_use" if upstream.links else "idle")] += 1
-                key_channels[(vhost, user)] += len(upstream.links)
-        for state in pool.nodes.states:
-            label = state.node.label
+        for node, state, channel_count, vhost, user in source.live_upstreams():
+            by_node[(node, state)] += 1
+            node_channels[node] += channel_count
+            if state == "open":
+                per_key[(vhost, user, "in_use" if channel_count else "idle")] += 1
+                key_channels[(vhost, user)] += channel_count
+        for label, breaker_state in source.live_nodes():
             for upstream_state in ("open", "closing"):
                 upstreams.add_metric([label, upstream_state], by_node[(label, upstream_state)])
             upstream_channels.add_metric([label], node_channels[label])
-            breakers.add_metric([label], BREAKER_VALUES[state.breaker.state])
+            breakers.add_metric([label], BREAKER_VALUES[breaker_state])
         for (vhost, user, state_name), count in per_key.items():
             pool_upstreams.add_metric([vhost, user, state_name], count)
         for (vhost, user), count in key_channels.items():
@@ -340,8 +342,8 @@ def multiprocess_enabled() -> bool:
 class MultiprocessBridge:
     """Copies LiveStateCollector's scrape-time values into multiprocess gauges and counters."""
 
-    def __init__(self, proxy: Proxy) -> None:
-        self.collector = LiveStateCollector(proxy)
+    def __init__(self, source: LiveSource) -> None:
+        self.collector = LiveStateCollector(source)
         self.gauges: dict[str, Gauge] = {}
         self.counters: dict[str, Counter] = {}
         self.last: dict[tuple[str, tuple[str, ...]], float] = {}

@@ -21,20 +21,21 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Protocol
 
 import gevent
 from gevent.event import AsyncResult
 
+from .channel import ClientLeg
 from .exclusive import ExclusiveQueues
 from .nodes import OPEN, BackoffPolicy, BreakerPolicy, NodeSet
 from .protocol.handshake import Credentials
-from .upstream import Upstream, UpstreamError
+from .protocol.rules import Role
+from .upstream import Upstream, UpstreamError, UpstreamState
 
 if TYPE_CHECKING:
     from .channel import Link
-    from .client import ClientSession
     from .config import Config, Node
     from .metrics import Metrics
 
@@ -50,9 +51,20 @@ PoolKey = tuple[str, str, str]
 # Ways an upstream is found dead by silence (nothing read), rather than told so.
 SILENCE_KINDS = frozenset({"silence_timeout", "heartbeat_timeout", "health_check"})
 
-ROLE_PUBLISH = "publish"
-ROLE_CONSUME = "consume"
-ROLE_ANY = "any"
+
+class ChannelOwner(ClientLeg, Protocol):
+    """A client as the pool sees it when it places one of its channels (read only)."""
+
+    @property
+    def pool_key(self) -> PoolKey:
+        """(user, password, vhost): the pool its channels go to."""
+
+    @property
+    def credentials(self) -> Credentials | None: ...
+
+    @property
+    def preferred(self) -> Mapping[Role, Upstream]:
+        """Role -> the upstream its channels of that role use."""
 
 
 class Pool:
@@ -74,7 +86,7 @@ class Pool:
         self._flights: dict[tuple[str, ...], AsyncResult] = {}  # dials in progress, by purpose and key
         self._credentials: dict[PoolKey, Credentials] = {}  # keys seen, for background dialling
         self._replenishing: set[PoolKey] = set()
-        self.exclusive = ExclusiveQueues()
+        self.exclusive: ExclusiveQueues[ClientLeg, Upstream] = ExclusiveQueues()
         self.closing: set[Upstream] = set()  # sent Connection.Close, awaiting Close-Ok
         self.stopping = False
         # The broker's limits, learnt from the latest Tune; the configured ones until then.
@@ -104,8 +116,7 @@ class Pool:
         if self._held.get((user, password)):
             return True
         return any(
-            key[0] == user and key[1] == password and any(u.state == "open" for u in ups)
-            for key, ups in self.upstreams.items()
+            key[0] == user and key[1] == password and any(u.alive for u in ups) for key, ups in self.upstreams.items()
         )
 
     def open_vhost(self, credentials: Credentials, vhost: str, deadline: float) -> None:
@@ -124,13 +135,13 @@ class Pool:
 
     def _wants_more(self, key: PoolKey) -> bool:
         """No open connection, or fewer idle ones than --min-idle-upstreams."""
-        ups = [u for u in self.upstreams.get(key, ()) if u.state == "open"]
+        ups = [u for u in self.upstreams.get(key, ()) if u.alive]
         if not ups:
             return True
         return sum(1 for u in ups if not u.links) < self.config.min_idle_upstreams
 
     def _usable(self, key: PoolKey) -> bool:
-        return any(u.state == "open" for u in self.upstreams.get(key, ()))
+        return any(u.alive for u in self.upstreams.get(key, ()))
 
     def _take_held(self, credentials: Credentials, vhost: str) -> Upstream | None:
         held = self._held.get((credentials.username, credentials.password))
@@ -150,14 +161,17 @@ class Pool:
 
     # ------------------------------------------------------------------ channels
 
-    def place(self, client: ClientSession, link: Link, role: str, deadline: float | None = None) -> bool:
+    def place(
+        self, client: ChannelOwner, link: Link, role: Role, deadline: float | None = None
+    ) -> tuple[Upstream, bool]:
         """Give a client channel a fresh channel on an upstream connection suited to its role.
 
-        Returns whether the upstream channel.open was already sent and answered (a connection
-        silent for longer than --upstream-check-interval must answer it before the client's
-        method goes out); otherwise the caller pipelines channel.open before the method."""
+        Returns the upstream, and whether the upstream channel.open was already sent and
+        answered (a connection silent for longer than --upstream-check-interval must answer it
+        before the client's method goes out); otherwise the caller pipelines channel.open before
+        the method."""
         if not self.config.separate_publishers:
-            role = ROLE_ANY
+            role = Role.ANY
         key = client.pool_key
         if deadline is None:
             deadline = time.monotonic() + self.config.connect_timeout
@@ -172,15 +186,14 @@ class Pool:
                 and time.monotonic() - upstream.last_recv > self.config.upstream_check_interval
             )
             if upstream.attach(link, role):
-                client.preferred[role] = upstream
                 if not verify:
                     link.open_pending = True  # the caller pipelines channel.open; the watchdog covers it
-                    return False
+                    return upstream, False
                 timeout = min(VERIFY_TIMEOUT, self.config.connect_timeout)
                 if upstream.open_channel(link, timeout):
-                    return True
+                    return upstream, True
                 recover = self.config.upstream_failure == "recover"
-                if upstream.state != "closed":
+                if upstream.state is not UpstreamState.CLOSED:
                     if recover:
                         upstream.release(link)  # this caller places the link again, below
                     upstream.fail(
@@ -198,7 +211,7 @@ class Pool:
             if time.monotonic() > deadline:
                 raise UpstreamError(f"no healthy upstream connection for vhost '{key[2]}' within the connect timeout")
 
-    def _dial_for(self, key: PoolKey, client: ClientSession, role: str, deadline: float) -> None:
+    def _dial_for(self, key: PoolKey, client: ChannelOwner, role: Role, deadline: float) -> None:
         """No pooled connection fits a new channel: dial one (one dial per key and role at a time;
         clients arriving meanwhile share its outcome)."""
         if self._choose(key, client, role) is not None:
@@ -210,7 +223,7 @@ class Pool:
                 "vhost": key[2],
                 "role": role,
                 "connections": [
-                    {"id": u.id, "state": u.state, "role": u.role, "channels": len(u.links)}
+                    {"id": u.id, "state": u.state.value, "role": u.role, "channels": len(u.links)}
                     for u in self.upstreams.get(key, ())
                 ],
             },
@@ -223,9 +236,9 @@ class Pool:
         upstream = self._dial(client.credentials, key[2], deadline, patient)
         self.upstreams.setdefault(key, []).append(upstream)
 
-    def _choose(self, key: PoolKey, client: ClientSession, role: str) -> Upstream | None:
+    def _choose(self, key: PoolKey, client: ChannelOwner, role: Role) -> Upstream | None:
         now = time.monotonic()
-        pinned = client.exclusive_upstream
+        pinned = self.exclusive.pinned(client)
         if pinned is not None and pinned.has_room:
             # Exclusive queues live on the connection that declared them; correctness beats roles.
             return pinned
@@ -282,7 +295,8 @@ class Pool:
             if not candidates and fail_fast and self.nodes.all_open():
                 raise UpstreamError(
                     "every upstream node's circuit breaker is open"
-                    + (f" (last error: {last_error.text})" if last_error else self._last_node_error())
+                    + (f" (last error: {last_error.text})" if last_error else self._last_node_error()),
+                    breaker_open=True,
                 )
             for node_state in candidates:
                 if self.stopping:
@@ -458,7 +472,7 @@ class Pool:
         cfg = self.config
         for key, ups in list(self.upstreams.items()):
             # Idle: no channels, and no live client's exclusive queues (they die with the connection).
-            idle = [u for u in ups if u.state == "open" and not u.links and not self.exclusive.owners_on(u)]
+            idle = [u for u in ups if u.alive and not u.links and not self.exclusive.owners_on(u)]
             keep = cfg.min_idle_upstreams
             for upstream in idle:
                 if self.nodes.state_of(upstream.node).retired:

@@ -24,9 +24,11 @@ possible, so that what the broker sees again is exactly what it accepted before.
 
 from __future__ import annotations
 
+import math
 import struct
 from collections import deque
-from typing import Any, NamedTuple
+from collections.abc import Iterable, Mapping
+from typing import Any, NamedTuple, TypeVar
 
 from .protocol import constants as c
 from .protocol.codec import encode_method, encode_shortstr
@@ -190,7 +192,7 @@ class Consumer(NamedTuple):
 class ChannelRecord:
     """What a channel set up, in the order the broker accepted it, and its unanswered requests."""
 
-    __slots__ = ("settings", "confirm", "tx", "last_queue", "pending", "unconfirmed")
+    __slots__ = ("settings", "confirm", "tx", "last_queue", "pending", "unconfirmed", "refused_at")
 
     def __init__(self) -> None:
         # ("qos", raw) and ("consume", Consumer) in acceptance order: a per-consumer prefetch
@@ -203,6 +205,7 @@ class ChannelRecord:
         # A method went upstream with no reply to wait for (nowait, basic.recover-async): the
         # proxy cannot know when the broker has done it (ClientSession._movable needs to).
         self.unconfirmed = False
+        self.refused_at = -math.inf  # when the client last sent basic.nack or basic.reject (monotonic)
 
     def request(self, method: tuple[int, int], args: dict[str, Any], raw: bytes, topology: Topology | None) -> None:
         """The client sent a control method upstream."""
@@ -280,6 +283,38 @@ _TOPOLOGY = frozenset(
         c.QUEUE_DELETE,
     }
 )
+
+
+# basic.nack and basic.reject have no reply to wait for: a channel that sent one this recently is
+# blamed for a broker connection error naming that method.
+BLAME_WINDOW = 5.0
+_REFUSALS = frozenset({c.BASIC_NACK, c.BASIC_REJECT})
+_Client = TypeVar("_Client")
+
+
+def blamed(record: ChannelRecord, method: tuple[int, int], now: float) -> bool:
+    """Whether a channel sent what a broker's connection error names (Connection.Close's class
+    and method): a request still unanswered; a nack or reject sent within BLAME_WINDOW; when the
+    Close names no method (541 INTERNAL_ERROR: the broker's channel process crashed), any
+    unanswered request."""
+    if method == (0, 0):
+        return bool(record.pending)
+    if method in _REFUSALS:
+        return now - record.refused_at <= BLAME_WINDOW
+    return any(request.method == method for request in record.pending)
+
+
+def culprit(lost: Mapping[_Client, Iterable[ChannelRecord]], method: tuple[int, int], now: float) -> _Client | None:
+    """The one client whose channels caused a broker's connection error on a shared upstream
+    connection, or None when no client or several could have.
+
+    RabbitMQ refuses some methods with a connection error, not a channel error: on quorum queues
+    a consume under a global basic.qos (540), on streams automatic acks, basic.get, basic.nack
+    and basic.reject (540), an invalid x-stream-offset or basic.recover (541). Through the proxy
+    that must end the client that did it, as it would end its own connection, and not be
+    recovered: a recovery would replay the method into the next upstream connection, again."""
+    found = [client for client, records in lost.items() if any(blamed(r, method, now) for r in records)]
+    return found[0] if len(found) == 1 else None
 
 
 def qos_global(raw: bytes) -> bool:

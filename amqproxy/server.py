@@ -13,6 +13,7 @@ import signal
 import socket
 import ssl
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import gevent
@@ -108,8 +109,18 @@ class Proxy:
         gevent.spawn(self._stop, why)
 
     def _stop(self, why: str) -> None:
+        # /readyz answers 503 from the signal on (self.stopping). A balancer that health-checks it
+        # stops sending new clients within its check interval: keep accepting until then, or the
+        # connections it still sends meanwhile would be refused (or reset in the accept queue).
+        delay = self.config.shutdown_delay
+        if delay > 0:
+            log.info(
+                "not ready, still accepting",
+                extra={"event": "shutdown_delay", "signal": why, "clients": len(self.sessions), "delay_s": delay},
+            )
+            gevent.sleep(delay)
         if self._server is not None:
-            self._server.close()  # no new clients; /readyz answers 503 from now on
+            self._server.close()  # no new clients
         if self._tls_server is not None:
             self._tls_server.close()
         log.info(
@@ -231,7 +242,7 @@ class Proxy:
 
     def _handle(self, sock: socket.socket, address: tuple) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        session = ClientSession(self, sock, address)
+        session = ClientSession(self, sock, address, self.sessions.discard)
         self.sessions.add(session)
         session.run()
 
@@ -255,12 +266,8 @@ class Proxy:
             )
             return
         try:
-            session = ClientSession(self, tls_sock, address)
-            session.tls = peer
-            if source is not None:  # a PROXY header before the TLS bytes named the real client
-                session.proxied_by = session.address
-                session.client_host = source[0]
-                session.address = f"[{source[0]}]:{source[1]}" if ":" in source[0] else f"{source[0]}:{source[1]}"
+            # A PROXY header before the TLS bytes named the real client: `source`.
+            session = ClientSession(self, tls_sock, address, self.sessions.discard, tls=peer, source=source)
             self.sessions.add(session)
             session.run()
         finally:
@@ -287,8 +294,22 @@ class Proxy:
     def tls_address(self) -> tuple[str, int] | None:
         return self._tls_server.address if self._tls_server is not None else None
 
-    def forget(self, session: ClientSession) -> None:
-        self.sessions.discard(session)
+    # ------------------------------------------------------------------ live state (metrics.LiveSource)
+
+    def live_clients(self) -> Iterator[tuple[str, str, int]]:
+        for session in list(self.sessions):
+            if session.vhost is not None:  # past its handshake
+                yield session.vhost, session.username, len(session.channels)
+
+    def live_upstreams(self) -> Iterator[tuple[str, str, int, str, str]]:
+        pool = self.pool
+        for upstream in pool.all_upstreams() + list(pool.closing):
+            user, _password, vhost = upstream.key
+            yield upstream.node.label, upstream.state.value, len(upstream.links), vhost, user
+
+    def live_nodes(self) -> Iterator[tuple[str, str]]:
+        for state in self.pool.nodes.states:
+            yield state.node.label, state.breaker.state
 
     # ------------------------------------------------------------------ janitor
 

@@ -8,23 +8,25 @@ writing it. The reader routes each frame by upstream channel id to the owning cl
 
 from __future__ import annotations
 
+import enum
 import logging
 import socket
 import ssl
 import struct
 import time
 from collections import defaultdict
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import gevent
 from gevent.event import AsyncResult
 
 from . import tls
-from .channel import CHANNEL_CLOSE_OK, Link
+from .channel import CHANNEL_CLOSE_OK, ClientLeg, Link
 from .metrics import BYTES, FORWARD_LATENCY_C2U, FRAMES, UPSTREAM_TO_CLIENT
 from .outbox import Outbox
 from .protocol import constants as c
 from .protocol import proxyproto
+from .protocol.closing import CloseEvent
 from .protocol.codec import DecodeError, decode_method, encode_method
 from .protocol.constants import FRAME_END, FRAME_METHOD, REPLY_NAMES
 from .protocol.content import DELIVER, Run, append_frames, message_run
@@ -38,12 +40,14 @@ from .protocol.frames import (
     method_frame,
 )
 from .protocol.handshake import Credentials, negotiate, start_ok_payload, tune_ok_payload
-from .recovery import BASIC_QOS_OK, REPLY_METHODS, delivery_tag_position, shift_tag
+from .protocol.rules import Role
+from .recovery import BASIC_QOS_OK, REPLY_METHODS, culprit, delivery_tag_position, shift_tag
 
 if TYPE_CHECKING:
-    from .client import ClientSession
-    from .config import Node
-    from .pool import Pool
+    from .config import Config, Node
+    from .exclusive import ExclusiveQueues
+    from .metrics import Metrics
+    from .nodes import NodeSet
 
 log = logging.getLogger("amqproxy.upstream")
 
@@ -70,22 +74,47 @@ _U64 = struct.Struct(">Q")
 _DELIVERIES = frozenset({c.BASIC_DELIVER, c.BASIC_GET_OK})
 
 
+class UpstreamState(str, enum.Enum):
+    NEW = "new"  # dialling: TCP, TLS, the protocol header
+    LOGGED_IN = "logged-in"  # Start/StartOk/Tune/TuneOk done: the credentials are proven
+    OPEN = "open"  # Connection.Open done: carries channels
+    CLOSING = "closing"  # our Connection.Close sent, awaiting Close-Ok
+    CLOSED = "closed"
+
+
+class UpstreamPool(Protocol):
+    """What an upstream connection uses of the pool that owns it."""
+
+    config: Config
+    metrics: Metrics | None
+    exclusive: ExclusiveQueues
+    nodes: NodeSet
+    pid: int
+    closing: set[Upstream]  # sent Connection.Close, awaiting Close-Ok
+
+    def forget(self, upstream: Upstream) -> None: ...
+
+    def upstream_gone(self, upstream: Upstream, unexpected: bool, wanted: bool) -> None: ...
+
+
 class UpstreamError(Exception):
     """The broker could not be reached or refused us.
 
     `reply_code` is the broker's AMQP code when it answered (403, 530...), else 0. `permanent`
     failures (credentials, vhost, permissions) are not worth retrying on another node.
+    `breaker_open`: nothing was tried, every node's circuit breaker is open.
     """
 
-    def __init__(self, text: str, reply_code: int = 0, permanent: bool = False) -> None:
+    def __init__(self, text: str, reply_code: int = 0, permanent: bool = False, breaker_open: bool = False) -> None:
         super().__init__(text)
         self.text = text
         self.reply_code = reply_code
         self.permanent = permanent
+        self.breaker_open = breaker_open  # refused at once: every node's circuit breaker is open
 
 
 class Upstream:
-    def __init__(self, pool: Pool, node: Node, credentials: Credentials, upstream_id: int) -> None:
+    def __init__(self, pool: UpstreamPool, node: Node, credentials: Credentials, upstream_id: int) -> None:
         self.pool = pool
         self.node = node
         self.credentials = credentials
@@ -93,7 +122,7 @@ class Upstream:
         self.vhost: str | None = None
         self.sock: socket.socket | None = None
         self.outbox: Outbox | None = None
-        self.state = "new"  # new -> logged-in -> open -> closing -> closed
+        self.state = UpstreamState.NEW
         self.channel_max = 0  # what this connection carries: min(broker, --max-channels-per-upstream)
         self.broker_channel_max = 0  # what the broker allows a connection
         self.frame_max = 0
@@ -108,15 +137,17 @@ class Upstream:
         self.blocked_reason: str | None = None
         self.close_cause = ""
         self.fail_kind = ""  # how it failed (metric reason), once it has
-        self.role: str | None = None  # role of its client channels (publish/consume); None when empty
-        self.blocked_clients: set[ClientSession] = set()  # clients sent connection.blocked for us
+        # The broker's Connection.Close, when it closed us: (reply code, text, class and method).
+        self.broker_close: tuple[int, str, tuple[int, int]] | None = None
+        self.role: Role | None = None  # role of its client channels; None when it has none
+        self.blocked_clients: set[ClientLeg] = set()  # clients sent connection.blocked for us
         self.counted = False  # counted in its node's connection count
         self._reader: gevent.Greenlet | None = None
         self._watch_timer: gevent.Greenlet | None = None  # the watchdog's check due before the next tick
         self._handshake = FrameReader(c.PRE_TUNE_FRAME_MAX)
 
     def __repr__(self) -> str:
-        return f"Upstream(u{self.id} {self.node.label} {self.state})"
+        return f"Upstream(u{self.id} {self.node.label} {self.state.value})"
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -156,7 +187,7 @@ class Upstream:
             self.max_body = self.frame_max - c.FRAME_OVERHEAD
             self.heartbeat = cfg.upstream_heartbeat
             self._send_handshake(tune_ok_payload(self.channel_max, self.frame_max, self.heartbeat))
-            self.state = "logged-in"
+            self.state = UpstreamState.LOGGED_IN
         except UpstreamError:
             self.abort()
             raise
@@ -178,7 +209,7 @@ class Upstream:
         assert self.sock is not None
         self.sock.settimeout(None)
         self.vhost = vhost
-        self.state = "open"
+        self.state = UpstreamState.OPEN
         self.last_recv = self.idle_since = time.monotonic()
         self.outbox = Outbox(
             self.sock,
@@ -240,7 +271,7 @@ class Upstream:
 
     def abort(self) -> None:
         """Drop a connection that never reached the pool (failed or stale handshake)."""
-        self.state = "closed"
+        self.state = UpstreamState.CLOSED
         self.pool.upstream_gone(self, unexpected=False, wanted=False)
         if self.sock is not None:
             try:
@@ -251,10 +282,14 @@ class Upstream:
     # ------------------------------------------------------------------ channels
 
     @property
-    def has_room(self) -> bool:
-        return self.state == "open" and len(self.links) < self.channel_max
+    def alive(self) -> bool:
+        return self.state is UpstreamState.OPEN
 
-    def accepts(self, role: str, now: float) -> bool:
+    @property
+    def has_room(self) -> bool:
+        return self.state is UpstreamState.OPEN and len(self.links) < self.channel_max
+
+    def accepts(self, role: Role, now: float) -> bool:
         """Can a new client channel of `role` go here? Not when full, past --upstream-max-age,
         or carrying channels of the other role."""
         if not self.has_room:
@@ -266,7 +301,7 @@ class Upstream:
             return False
         return self.role is None or self.role == role
 
-    def attach(self, link: Link, role: str | None = None) -> bool:
+    def attach(self, link: Link, role: Role | None = None) -> bool:
         """Give `link` a fresh upstream channel id (never one in use or awaiting Close-Ok)."""
         if not self.has_room:
             return False
@@ -278,8 +313,7 @@ class Upstream:
             if candidate > channel_max:
                 candidate = 1
             if candidate not in self.links:
-                link.upstream = self
-                link.upstream_channel = candidate
+                link.placed(self, candidate)
                 self.links[candidate] = link
                 self._next_channel = candidate + 1
                 if role is not None and link.client is not None:
@@ -311,20 +345,15 @@ class Upstream:
         if self.outbox is not None:
             self.outbox.put(data, received_at)
 
+    def backed_up(self) -> bool:
+        outbox = self.outbox
+        return outbox is not None and outbox.buffered > outbox.high_watermark
+
+    def wait_for_room(self, timeout: float) -> bool:
+        return self.outbox is None or self.outbox.wait_for_room(timeout)
+
     def send_method(self, channel: int, method: tuple[int, int], **args: Any) -> None:
         self.send(method_frame(channel, encode_method(method, **args)))
-
-    def close_channel(self, link: Link, reply_code: int = 200, text: str = "closed by amqproxy") -> None:
-        """Close the upstream side of a link exactly once (Close, or Close-Ok if the broker closed first)."""
-        link.begin_close()
-        if link.u_close_received and not link.u_close_ok_sent:
-            link.u_close_ok_sent = True
-            self.send_method(link.upstream_channel, c.CHANNEL_CLOSE_OK)
-        elif not link.u_close_sent and not link.u_close_received:
-            link.u_close_sent = True
-            self.send_method(link.upstream_channel, c.CHANNEL_CLOSE, reply_code=reply_code, reply_text=text)
-        if link.upstream_side_done():
-            self.release(link)
 
     def delete_queues(self, names: list[str]) -> None:
         """Delete exclusive queues left by a departed client, each on a fresh channel of its own."""
@@ -337,13 +366,11 @@ class Upstream:
                 )
                 return
             ch = link.upstream_channel
-            link.begin_close()
-            link.u_close_sent = True
             self.send(
                 method_frame(ch, encode_method(c.CHANNEL_OPEN))
                 + method_frame(ch, encode_method(c.QUEUE_DELETE, queue=name, nowait=True))
-                + method_frame(ch, encode_method(c.CHANNEL_CLOSE, reply_code=200, reply_text="exclusive queue cleanup"))
             )
+            link.close_upstream(200, "exclusive queue cleanup")
 
     # ------------------------------------------------------------------ reading
 
@@ -369,13 +396,13 @@ class Upstream:
                     raise ConnectionResetError("connection closed by the broker")
                 received_at = self.last_recv = time.monotonic()
                 reader.feed(data)
-                batches: defaultdict[ClientSession, bytearray] = defaultdict(bytearray)
+                batches: defaultdict[ClientLeg, bytearray] = defaultdict(bytearray)
                 buf = reader.buffer
                 available = len(buf)
                 pos = reader.pos
                 # Frames whose channel id is the same on both legs are copied verbatim, a whole
                 # contiguous run for one client at a time: [run_start, run_end) for run_client.
-                run_client: ClientSession | None = None
+                run_client: ClientLeg | None = None
                 run_start = run_end = 0
                 with memoryview(buf) as view:
                     while available - pos >= 7:
@@ -401,9 +428,7 @@ class Upstream:
                                 and message_run(buf, pos, available, channel, DELIVER, max_frame, client.max_body, run)
                             ):
                                 run.count(pos, frame_counts, byte_counts)
-                                messages = run.messages
-                                client.messages_out += messages
-                                link.delivered += messages
+                                link.delivered += run.messages
                                 if link.client_channel == channel:
                                     if client is run_client and pos == run_end:
                                         run_end = run.end
@@ -436,10 +461,9 @@ class Upstream:
                                 rewritten = self._on_watched(link, method, view[start:end])
                                 if not rewritten:
                                     continue
-                            elif link.closing and link.c_close_sent:
+                            elif link.closing and link.client_not_listening:
                                 continue
                             elif method in _DELIVERIES and link.client is not None:
-                                link.client.messages_out += 1
                                 link.delivered += 1
                                 if link.tag_offset:  # only on a channel that went through a recovery
                                     rewritten = shift_tag(
@@ -462,7 +486,7 @@ class Upstream:
                                 link.body_due = unpack_body_size(buf, start + 4)[0]
                             else:
                                 link.body_due -= size
-                            if link.closing and link.c_close_sent:
+                            if link.closing and link.client_not_listening:
                                 continue
                         client = link.client
                         if client is None or client.closing:
@@ -496,7 +520,7 @@ class Upstream:
             if isinstance(exc, (ProtocolError, DecodeError)) and self.pool.metrics is not None:
                 reason = REPLY_NAMES.get(getattr(exc, "reply_code", 501), "frame_error").lower()
                 self.pool.metrics.frame_failed(UPSTREAM_TO_CLIENT, reason)
-            if self.state != "closed":
+            if self.state is not UpstreamState.CLOSED:
                 self.fail(f"connection to {self.node.label} lost: {_describe(exc)}")
             self._finish()
         except gevent.GreenletExit:
@@ -512,6 +536,7 @@ class Upstream:
             self.send_method(0, c.CONNECTION_CLOSE_OK)
             if self.outbox is not None:
                 self.outbox.close_when_drained()
+            self.broker_close = (args["reply_code"], args["reply_text"], (args["class_id"], args["method_id"]))
             self.fail(
                 f"broker closed the upstream connection: {args['reply_code']} {args['reply_text']}",
                 close_socket=False,
@@ -525,7 +550,7 @@ class Upstream:
             # a dead peer, so the kernel's user timeout must not count it.
             self._set_user_timeout(0.0)
             for client in self.clients():
-                client.upstream_blocked(self, args["reason"])
+                self.tell_blocked(client)
         elif method == c.CONNECTION_UNBLOCKED:
             self._unblock_all()
 
@@ -540,40 +565,21 @@ class Upstream:
         if method in _CONFIRMS:
             return self._on_confirm(link, payload)
         if method == c.CHANNEL_CLOSE_OK:
-            if not link.u_close_sent or link.u_close_ok_received:
-                return False  # a late answer to a Close that crossed the broker's (see below)
-            link.u_close_ok_received = True
-            answer_client = client is not None and link.c_close_received and not link.c_close_ok_sent
-            if answer_client:
-                link.c_close_ok_sent = True
-            self._settle(link)
-            return answer_client
+            return self._close_event(link, CloseEvent.BROKER_CLOSE_OK)
         if method == c.CHANNEL_CLOSE:
-            link.begin_close()
-            link.u_close_received = True
             # Declares the broker will now never answer: drop the names reserved for them.
             for _exclusive, reserved in link.pending_declares:
                 if reserved is not None and client is not None:
                     self.pool.exclusive.remove_if_owner(self.vhost or "", reserved, client)
             link.pending_declares.clear()
             link.record.pending.clear()
-            if client is None or link.c_close_sent or link.c_close_received or client.closing:
-                # Nobody to tell (client gone, or the proxy is closing the client side already).
-                link.u_close_ok_sent = True
-                self.send_method(link.upstream_channel, c.CHANNEL_CLOSE_OK)
-                answer: bool | bytes = False  # or a Close-Ok for the client
-                if link.u_close_sent and not link.u_close_ok_received:
-                    # Our Close crossed the broker's. RabbitMQ answers such a Close from a channel
-                    # that our Close-Ok stops, so its Close-Ok may never come: the channel is
-                    # closed both ways now (a late Close-Ok is dropped above).
-                    link.u_close_ok_received = True
-                    if client is not None and link.c_close_received and not link.c_close_ok_sent:
-                        link.c_close_ok_sent = True
-                        answer = CHANNEL_CLOSE_OK  # the client's own Close is answered
-                self._settle(link)
-                return answer
-            link.c_close_sent = True
-            return True
+            return self._close_event(link, CloseEvent.BROKER_CLOSE)
+        if method == c.CHANNEL_OPEN_OK:
+            # The proxy answered the client's channel.open itself (placement is deferred to the
+            # channel's first method), so this reply is the proxy's own.
+            if link.waiter is not None:
+                link.waiter.set(True)
+            return False
         name = ""
         forward: bool | bytes = True
         if method == c.QUEUE_DECLARE_OK:
@@ -586,20 +592,14 @@ class Upstream:
                     # Its client is gone or leaving: the queue must not outlive it on this
                     # shared connection.
                     self.delete_queues([name])
-            forward = not link.c_close_sent
+            forward = not link.client_not_listening
         elif method == c.QUEUE_DELETE_OK:
             if link.pending_deletes:
                 self.pool.exclusive.remove(self.vhost or "", link.pending_deletes.popleft())
-            forward = not link.c_close_sent
-        elif link.closing and link.c_close_sent:
+            forward = not link.client_not_listening
+        elif link.closing and link.client_not_listening:
             # The client was sent a Close (by the broker or the proxy): only Close-Ok matters now.
             # After the client's own Close, replies still in flight (commit-ok...) go through.
-            return False
-        elif method == c.CHANNEL_OPEN_OK:
-            # The proxy answered the client's channel.open itself (placement is deferred to the
-            # channel's first method), so this reply is the proxy's own.
-            if link.waiter is not None:
-                link.waiter.set(True)
             return False
         elif method == c.BASIC_CONSUME_OK:
             _, args = decode_method(payload)
@@ -620,7 +620,6 @@ class Upstream:
             link.swallow_qos_ok -= 1  # the answer to a basic.qos replayed by a recovery
             return False
         elif method == c.BASIC_GET_OK and client is not None:
-            client.messages_out += 1
             link.delivered += 1
             if link.tag_offset:
                 position = delivery_tag_position(method, payload, 0)
@@ -631,7 +630,7 @@ class Upstream:
     def _on_confirm(self, link: Link, payload: memoryview) -> bool | bytes:
         """basic.ack/nack from the broker (publisher confirms): bookkeeping only once the channel
         went through a recovery (then renumbered into the client's sequence)."""
-        if link.closing and link.c_close_sent:
+        if link.closing and link.client_not_listening:
             return False
         tracker = link.confirms
         if tracker is None:
@@ -650,39 +649,53 @@ class Upstream:
         if method == c.CHANNEL_CLOSE:
             _, args = decode_method(payload)
             replay.error = f"{args['reply_code']} {args['reply_text']}"
-            link.begin_close()
-            link.u_close_received = link.u_close_ok_sent = True
-            self.send_method(link.upstream_channel, c.CHANNEL_CLOSE_OK)
-            self.release(link)
+            link.close_event(CloseEvent.BROKER_CLOSE)
             if link.waiter is not None:
                 link.waiter.set(False)
         elif method == c.CHANNEL_CLOSE_OK:
-            link.u_close_ok_received = True
-            self._settle(link)
+            link.close_event(CloseEvent.BROKER_CLOSE_OK)
         elif method == BASIC_QOS_OK:
             replay.remaining -= 1
             if replay.remaining <= 0 and link.waiter is not None:
                 link.waiter.set(True)
         return False
 
-    def _settle(self, link: Link) -> None:
-        if link.upstream_side_done():
-            self.release(link)
-            client = link.client
-            if client is not None and link.client_side_done():
-                client.forget(link)
+    @staticmethod
+    def _close_event(link: Link, event: CloseEvent) -> bool | bytes:
+        """A Close or Close-Ok from the broker: what the read loop passes on to the client (the
+        broker's frame, or a Close-Ok of ours answering the client's own Close)."""
+        to_client, forward = link.close_event(event)
+        # A broker Close or Close-Ok yields no Close of ours for the client, at most a Close-Ok.
+        return CHANNEL_CLOSE_OK if to_client else forward
+
+    def tell_blocked(self, client: ClientLeg) -> None:
+        """A client with channels here learns of the block (if it asked for connection.blocked)."""
+        if self.blocked_reason is not None and client.upstream_blocked(self, self.blocked_reason):
+            self.blocked_clients.add(client)
+
+    def forget_blocked(self, client: ClientLeg) -> None:
+        self.blocked_clients.discard(client)
+
+    def assign_role(self, role: Role) -> None:
+        """The role of the channels this connection carries, if it carries none yet."""
+        if self.role is None:
+            self.role = role
+
+    def replace_link(self, channel: int, link: Link) -> None:
+        """Upstream channel `channel` now belongs to `link` (a channel moving on or off it)."""
+        self.links[channel] = link
 
     def _unblock_all(self) -> None:
         """The block is over (or this connection is): tell every client that was told it began,
         whether or not it still has channels here."""
-        if self.blocked_reason is not None and self.state == "open":
+        if self.blocked_reason is not None and self.state is UpstreamState.OPEN:
             self._set_user_timeout(self.pool.config.upstream_tcp_user_timeout)
         self.blocked_reason = None
         blocked, self.blocked_clients = self.blocked_clients, set()
         for client in blocked:
             client.upstream_unblocked(self)
 
-    def clients(self) -> set[ClientSession]:
+    def clients(self) -> set[ClientLeg]:
         return {link.client for link in self.links.values() if link.client is not None}
 
     # ------------------------------------------------------------------ liveness and closing
@@ -695,7 +708,7 @@ class Upstream:
         writes a heartbeat at least once per heartbeat interval, a blocked one (memory alarm)
         too, so silence longer than that (the timeout must exceed it) while a reply is due means
         the bytes stopped flowing: a dead NAT entry, a hung host, a partition."""
-        if self.state != "open" or self.outbox is None:
+        if self.state is not UpstreamState.OPEN or self.outbox is None:
             return
         silent = now - self.last_recv
         timeout = self.silence_timeout()
@@ -722,7 +735,7 @@ class Upstream:
         """Fail the connection if it has been silent past the timeout while awaited."""
         silent = time.monotonic() - self.last_recv
         timeout = self.silence_timeout()
-        if self.state != "open" or not timeout or silent < timeout:
+        if self.state is not UpstreamState.OPEN or not timeout or silent < timeout:
             return False
         waiting = self.awaiting()
         if not waiting:
@@ -774,10 +787,10 @@ class Upstream:
     def close(self, reason: str, kind: str, grace: float = 5.0) -> None:
         """Close cleanly (Connection.Close 200); only called once no client channel is attached.
         `kind` is the metric reason: idle_timeout, max_age or shutdown."""
-        if self.state != "open":
+        if self.state is not UpstreamState.OPEN:
             return
         self._count_closed(kind)
-        self.state = "closing"
+        self.state = UpstreamState.CLOSING
         self.close_cause = reason
         self.pool.forget(self)
         self.pool.closing.add(self)
@@ -792,19 +805,19 @@ class Upstream:
         """The connection is gone. Every client with a channel on it is told, with its channels
         here: it recovers them (`--upstream-failure recover`) or is closed with 320 and the cause.
         `kind` is the metric reason: lost, broker_closed, heartbeat_timeout or health_check."""
-        if self.state == "closed":
+        if self.state is UpstreamState.CLOSED:
             return
-        if self.state == "open":
+        if self.state is UpstreamState.OPEN:
             self._count_closed(kind)
             metrics = self.pool.metrics
             if metrics is not None:
                 metrics.error("upstream_lost", "transient", self.vhost)
-        was_open = self.state == "open"
-        self.state = "closed"
+        was_open = self.state is UpstreamState.OPEN
+        self.state = UpstreamState.CLOSED
         self.close_cause = cause
         self.fail_kind = kind
         # Clients with channels here, and clients whose exclusive queues died with it.
-        lost: dict[ClientSession, list[Link]] = {client: [] for client in self.pool.exclusive.owners_on(self)}
+        lost: dict[ClientLeg, list[Link]] = {client: [] for client in self.pool.exclusive.owners_on(self)}
         for link in self.links.values():
             if link.client is not None:
                 lost.setdefault(link.client, []).append(link)
@@ -827,10 +840,25 @@ class Upstream:
                 },
             )
         self.pool.exclusive.forget_upstream(self)
+        blamed = self._blamed(lost)
         for client, links in lost.items():
-            client.upstream_lost(self, cause, links)
+            if client is blamed and self.broker_close is not None:
+                # As on its own connection: the broker's code and text, and no recovery (which
+                # would replay the method into the next upstream connection).
+                code, text, method = self.broker_close
+                client.close_connection(code, text, method, kind="protocol_error")
+            else:
+                client.upstream_lost(self, self.node.label, cause, links)
         if close_socket:
             self._finish()
+
+    def _blamed(self, lost: dict[ClientLeg, list[Link]]) -> ClientLeg | None:
+        """The client whose method made the broker close this shared connection with an error
+        (recovery.culprit), if one alone can have; never for 320 (node shutdown, maintenance)."""
+        if self.broker_close is None or self.broker_close[0] in (c.REPLY_SUCCESS, c.CONNECTION_FORCED):
+            return None
+        records = {client: [link.record for link in links] for client, links in lost.items()}
+        return culprit(records, self.broker_close[2], time.monotonic())
 
     def _count_closed(self, kind: str) -> None:
         metrics = self.pool.metrics
@@ -838,7 +866,7 @@ class Upstream:
             metrics.upstream_closed(self.node.label, kind)
 
     def _finish(self) -> None:
-        self.state = "closed"
+        self.state = UpstreamState.CLOSED
         if self.blocked_clients:
             self._unblock_all()
         self.pool.closing.discard(self)

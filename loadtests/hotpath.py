@@ -22,6 +22,7 @@ import sys
 import time
 from collections import defaultdict
 from pathlib import Path
+from types import SimpleNamespace
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 KINDS = ("publish", "publish-properties", "deliver")
@@ -45,15 +46,20 @@ class _Socket:
 
 
 class _Upstream:
+    """The far side of the client loop: counts bytes, never backs up (older trees read `outbox`)."""
+
     max_body = 131072 - 8
     outbox = None
-    state = "open"
+    alive = True
 
     def __init__(self) -> None:
         self.sent = 0
 
     def send(self, data: bytes | bytearray, received_at: float = 0.0) -> None:
         self.sent += len(data)
+
+    def backed_up(self) -> bool:
+        return False
 
 
 class _Client:
@@ -62,7 +68,6 @@ class _Client:
 
     def __init__(self) -> None:
         self.received = 0
-        self.messages_out = 0
 
     def deliver(self, data: bytes | bytearray, received_at: float) -> None:
         self.received += len(data)
@@ -78,6 +83,23 @@ def _message(method: object, body: bytes, properties: object) -> bytes:
         + pamqp.frame.marshal(pamqp.header.ContentHeader(0, len(body), properties), 1)
         + pamqp.frame.marshal(pamqp.body.ContentBody(body), 1)
     )
+
+
+def _open_state():
+    """The open state of the tree being measured (an enum today, a string in older trees)."""
+    try:
+        from amqproxy.upstream import UpstreamState
+    except ImportError:
+        return "open"
+    return UpstreamState.OPEN
+
+
+def _publish_role():
+    try:
+        from amqproxy.protocol.rules import Role
+    except ImportError:
+        return "publish"
+    return Role.PUBLISH
 
 
 def run(kind: str, reads: int) -> float:
@@ -102,7 +124,7 @@ def run(kind: str, reads: int) -> float:
         upstream.frame_max = 131072
         upstream.links = {}
         upstream.last_recv = 0.0
-        upstream.state = "open"
+        upstream.state = _open_state()
         client = _Client()
         upstream.links[1] = Link(client, 1, upstream, 1)  # type: ignore[arg-type]
         loop = upstream._read_loop
@@ -116,7 +138,8 @@ def run(kind: str, reads: int) -> float:
         data = _message(pc.Basic.Publish(exchange="", routing_key="q"), body, properties) * per_read
         session = ClientSession.__new__(ClientSession)
         session.sock = _Socket(data, reads)  # type: ignore[assignment]
-        session._reader = FrameReader(131072)
+        session._reader = reader = FrameReader(131072)  # older trees read it here
+        session.core = SimpleNamespace(reader=reader)
         session._batches = defaultdict(bytearray)
         session.channels = {}
         session.closing = session.throttled = False
@@ -125,7 +148,7 @@ def run(kind: str, reads: int) -> float:
         session.last_recv = session._received_at = 0.0
         sink = _Upstream()
         link = Link(session, 1, sink, 1)  # type: ignore[arg-type]
-        link.role = "publish"
+        link.role = _publish_role()
         session.channels[1] = link
         loop = session._forward_loop
         forwarded = lambda: sink.sent  # noqa: E731

@@ -9,6 +9,7 @@ is pure and socket-free.
 
 from __future__ import annotations
 
+import enum
 import struct
 from typing import Any, NoReturn
 
@@ -57,8 +58,17 @@ PUBLISHER_METHODS = frozenset(
 )
 
 
-def role_of(method: tuple[int, int]) -> str:
-    return "publish" if method in PUBLISHER_METHODS else "consume"
+class Role(str, enum.Enum):
+    """Where a channel is placed: publishing and consuming channels go to different upstream
+    connections (with --separate-publishers), or any connection."""
+
+    PUBLISH = "publish"
+    CONSUME = "consume"
+    ANY = "any"
+
+
+def role_of(method: tuple[int, int]) -> Role:
+    return Role.PUBLISH if method in PUBLISHER_METHODS else Role.CONSUME
 
 
 EXPECT_METHOD = 0

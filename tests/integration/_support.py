@@ -78,8 +78,11 @@ class RawAMQP:
     """A minimal hand-driven AMQP 0-9-1 client (pamqp codec) for protocol-level
     tests: frame sizes, protocol header, heartbeats."""
 
-    def __init__(self, host: str, port: int, timeout: float = 5.0):
-        self.sock = socket.create_connection((host, port), timeout=timeout)
+    def __init__(self, host: str, port: int, timeout: float = 5.0, source: str | None = None):
+        # `source`: connect from this local address (e.g. 127.0.0.2: another client host on loopback)
+        self.sock = socket.create_connection(
+            (host, port), timeout=timeout, source_address=(source, 0) if source else None
+        )
         self.buf = b""
         self.frame_sizes: list[int] = []
 

@@ -196,7 +196,8 @@ def test_crossing_closes_then_the_channel_id_is_reused(target, names):
             (listed,) = [
                 c for channels in _upstream_channels(target.proxy) for c in channels or [] if c["client"] == me
             ]
-            assert listed["client_channel"] == 1 and not listed["closing"] and listed["close"] == {}, listed
+            assert listed["client_channel"] == 1 and not listed["closing"], listed
+            assert listed["close"] == {"client": "open", "upstream": "open"}, listed
         raw.send(_close(), 1)
         raw.expect(C.Channel.CloseOk, 1)
     finally:

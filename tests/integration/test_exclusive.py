@@ -109,6 +109,27 @@ def test_exclusive_queue_locked_for_other_connections(target, names):
                 c.close()
 
 
+def test_locked_text_longer_than_a_shortstr_is_cut_as_the_broker_cuts_it(target, names):
+    """The 405 text for a queue of 20 "é" is 258 bytes: the broker sends its first 252 and
+    "...", and so must the proxy, on that channel only (not a 541 for the whole connection)."""
+    q = names.queue("é" * 20)
+    a = target.pika()
+    b = target.pika()
+    try:
+        a.channel().queue_declare(q, exclusive=True)
+        with pytest.raises(pika.exceptions.ChannelClosedByBroker) as raised:
+            b.channel().queue_declare(q, exclusive=True)
+        full = locked_text(q).encode()
+        assert len(full) > 255
+        assert raised.value.reply_code == 405
+        assert raised.value.reply_text.encode() == full[:252] + b"..."
+        assert b.is_open and b.channel().is_open
+    finally:
+        for c in (a, b):
+            if c.is_open:
+                c.close()
+
+
 def test_exclusive_server_named_queue(target):
     a = target.pika()
     b = target.pika()

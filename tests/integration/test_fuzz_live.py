@@ -1,4 +1,4 @@
-"""Random bytes at a live proxy while well-behaved clients keep working with nothing lost (issue #5).
+"""Random bytes at a live proxy while well-behaved clients keep working with nothing lost.
 
 Well-behaved pika clients (publishers with confirms, consumers with manual acks) move
 checksummed messages through the proxy. Meanwhile hostile connections, on the same vhost and

@@ -148,7 +148,7 @@ def test_close_pipelined_after_tx_commit(target):
         raw.expect(C.Channel.CloseOk, channel=1)
 
 
-# ---------------------------------------------------------------------------- issue #5: bad input
+# ---------------------------------------------------------------------------- bad input
 #
 # Every kind of broken client gets the close RabbitMQ would give it (501-505 after the handshake,
 # a plain close or a 501 before it), within a bounded time; the proxy counts it in /metrics, and a

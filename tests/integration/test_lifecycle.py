@@ -82,6 +82,33 @@ def test_sigterm_drains_with_confirms_in_flight(proxy_factory):
     assert not events(proc, "drain_timeout")
 
 
+def test_shutdown_delay_keeps_accepting_while_not_ready(proxy_factory):
+    """--shutdown-delay: /readyz answers 503 at the signal, but new clients are still served for
+    the delay (a balancer's health check has that long to take the instance out), then the
+    listener closes and the drain runs as without it."""
+    proc = proxy_factory("--shutdown-delay", "5", "--drain-timeout", "8")
+    early = connect(proc)
+    signalled = time.monotonic()
+    proc.proc.send_signal(signal.SIGTERM)
+    wait_until(lambda: http(proc, "/readyz")[0] == 503, timeout=5, msg="/readyz stayed ready")
+    assert http(proc, "/readyz")[1]["reasons"] == ["draining: the proxy is shutting down"]
+    late = connect(proc)  # during the delay: served like any other client
+    ch = late.channel()
+    queue = ch.queue_declare("", exclusive=True).method.queue
+    ch.basic_publish("", queue, b"during the delay")
+    assert ch.basic_get(queue, auto_ack=True)[2] == b"during the delay"
+    assert time.monotonic() - signalled < 5, "the check ran past the delay: slow machine, inconclusive"
+    wait_until(lambda: events(proc, "drain_start"), timeout=10, msg="no drain after the delay")
+    (delayed,) = events(proc, "shutdown_delay")
+    assert delayed["delay_s"] == 5 and delayed["signal"] == "SIGTERM"
+    assert events(proc, "drain_start")[0]["clients"] == 2
+    with pytest.raises(OSError):  # the listener is closed once the delay is over
+        socket.create_connection((proc.host, proc.port), timeout=2).recv(1)
+    early.close()
+    late.close()
+    assert proc.proc.wait(10) == 0
+
+
 def test_drain_timeout_closes_remaining_clients_with_320(proxy_factory):
     proc = proxy_factory("--drain-timeout", "6")
     client = connect(proc)

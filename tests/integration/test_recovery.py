@@ -1,4 +1,4 @@
-"""Transparent recovery (`--upstream-failure recover`, issue #10) under real broker faults on a
+"""Transparent recovery (`--upstream-failure recover`) under real broker faults on a
 RabbitMQ node of this module's own (`own_broker`; the shared broker is never disturbed).
 
 The clients have NO recovery of their own (plain pika BlockingConnection, py-amqp): publishers

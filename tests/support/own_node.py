@@ -79,18 +79,21 @@ class OwnBroker:
     alarm it), which the shared broker must never suffer.
 
     It has its own node name, AMQP port, distribution port, data and log directories, config
-    file, empty plugins file and Erlang cookie (in its own HOME); the node's environment
-    variables take precedence over /etc/rabbitmq/rabbitmq-env.conf (e.g. its NODENAME), and
-    every start checks that the node came up under our name."""
+    file, empty plugins file and Erlang cookie (in its own HOME; random, or shared by the nodes of
+    a cluster); the node's environment variables take precedence over
+    /etc/rabbitmq/rabbitmq-env.conf (e.g. its NODENAME), and every start checks that the node
+    came up under our name."""
 
     host = "127.0.0.1"
     user = "guest"
     password = "guest"
 
-    def __init__(self, base_dir: Path, sbin: Path, extra_conf: str = ""):
+    def __init__(self, base_dir: Path, sbin: Path, extra_conf: str = "", cookie: str | None = None):
         self.base_dir = Path(base_dir)
         self.sbin = Path(sbin)
         self.extra_conf = extra_conf  # more rabbitmq.conf lines (e.g. proxy_protocol = true)
+        # Nodes that are to be clustered share one cookie; a lone node gets a random one.
+        self.cookie = cookie or uuid.uuid4().hex.upper()
         self.nodename = f"amqproxy-test-{uuid.uuid4().hex[:12]}@localhost"
         self.port = free_port()
         self.dist_port = free_port()
@@ -111,7 +114,7 @@ class OwnBroker:
         for d in (self._home, self._log_dir, self.base_dir / "mnesia", self.base_dir / "conf.d"):
             d.mkdir(parents=True, exist_ok=True)
         cookie = self._home / ".erlang.cookie"
-        cookie.write_text(uuid.uuid4().hex.upper())
+        cookie.write_text(self.cookie)
         cookie.chmod(0o400)
         self._conf.write_text(
             f"listeners.tcp.1 = {self.host}:{self.port}\n"

@@ -6,8 +6,12 @@ from amqproxy.channel import Link
 from amqproxy.config import Config, Node
 from amqproxy.exclusive import ExclusiveQueues
 from amqproxy.nodes import BreakerPolicy, NodeSet
+from amqproxy.protocol import constants as c
+from amqproxy.protocol.closing import CloseEvent
+from amqproxy.protocol.codec import decode_method, encode_method
+from amqproxy.protocol.frames import method_frame
 from amqproxy.protocol.handshake import Credentials
-from amqproxy.upstream import Upstream
+from amqproxy.upstream import Upstream, UpstreamState
 
 
 def make_upstream(channel_max=3):
@@ -16,7 +20,7 @@ def make_upstream(channel_max=3):
     pool = SimpleNamespace(config=config, pid=1, exclusive=ExclusiveQueues(), forget=lambda u: None, nodes=nodes)
     pool.upstream_gone = lambda u, unexpected, wanted: None
     upstream = Upstream(pool, Node("127.0.0.1", 5672, False), Credentials("guest", "guest"), 1)
-    upstream.state = "open"
+    upstream.state = UpstreamState.OPEN
     upstream.channel_max = channel_max
     return upstream
 
@@ -74,41 +78,71 @@ def test_an_upstream_past_max_age_takes_no_new_channels():
     assert not upstream.accepts("publish", upstream.created + 61)
 
 
-def test_client_initiated_close_finishes_both_sides_once():
-    link = Link(object(), 1, None, 5)
+class _Recorder:
+    """A client that records what its links free (the upstream side is a real Upstream)."""
+
+    def __init__(self):
+        self.forgotten = []
+
+    def forget(self, link):
+        self.forgotten.append(link)
+
+
+def _sent(upstream):
+    frames = []
+    upstream.send = lambda data, received_at=0.0: frames.append(bytes(data))
+    return frames
+
+
+def test_client_initiated_close_frees_both_ids_once_the_broker_answers():
+    upstream, client = make_upstream(channel_max=10), _Recorder()
+    sent = _sent(upstream)
+    link = attached(upstream, client, 1)
     assert not link.closing
-    link.begin_close()
-    link.c_close_received = link.u_close_sent = True  # client Close forwarded upstream
-    assert link.closing and not link.upstream_side_done() and not link.client_side_done()
-    link.u_close_ok_received = link.c_close_ok_sent = True  # broker Close-Ok forwarded
-    assert link.upstream_side_done() and link.client_side_done()
+    assert link.close_event(CloseEvent.CLIENT_CLOSE) == (b"", True)  # the client's Close goes upstream as it is
+    assert link.closing and link.upstream_channel in upstream.links and not client.forgotten
+    assert link.close_event(CloseEvent.CLIENT_CLOSE) == (b"", False)  # a duplicate is dropped
+    assert link.close_event(CloseEvent.BROKER_CLOSE_OK) == (b"", True)  # the broker's Close-Ok answers the client
+    assert link.upstream_channel not in upstream.links and client.forgotten == [link] and sent == []
 
 
-def test_broker_initiated_close_needs_the_clients_close_ok():
-    link = Link(object(), 1, None, 5)
-    link.u_close_received = link.c_close_sent = True  # broker Close forwarded to client
-    assert not link.upstream_side_done()
-    link.c_close_ok_received = link.u_close_ok_sent = True  # client's Close-Ok forwarded
-    assert link.upstream_side_done() and link.client_side_done()
+def test_broker_initiated_close_is_answered_upstream_after_the_clients_close_ok():
+    upstream, client = make_upstream(channel_max=10), _Recorder()
+    sent = _sent(upstream)
+    link = attached(upstream, client, 1)
+    assert link.close_event(CloseEvent.BROKER_CLOSE) == (b"", True)
+    assert link.client_not_listening and sent == []
+    assert link.close_event(CloseEvent.CLIENT_CLOSE_OK) == (b"", False)
+    assert sent == [method_frame(link.upstream_channel, encode_method(c.CHANNEL_CLOSE_OK))]
+    assert link.upstream_channel not in upstream.links and client.forgotten == [link]
 
 
-def test_simultaneous_close_waits_for_both_answers():
-    link = Link(object(), 1, None, 5)
-    link.u_close_sent = True  # ours
-    link.u_close_received = True  # the broker's, crossing ours
-    link.u_close_ok_sent = True
-    assert not link.upstream_side_done()  # the broker still owes a Close-Ok for ours
-    link.u_close_ok_received = True
-    assert link.upstream_side_done()
+def test_a_proxy_channel_error_closes_both_sides_with_their_own_codes():
+    upstream, client = make_upstream(channel_max=10), _Recorder()
+    sent = _sent(upstream)
+    link = attached(upstream, client, 2)
+    to_client, forward = link.close_event(CloseEvent.CLIENT_ERROR, 405, "RESOURCE_LOCKED - locked", c.QUEUE_DECLARE)
+    assert not forward
+    assert decode_method(to_client[7:-1]) == (
+        c.CHANNEL_CLOSE,
+        {"reply_code": 405, "reply_text": "RESOURCE_LOCKED - locked", "class_id": 50, "method_id": 10},
+    )
+    link.close_upstream(200, "closed by amqproxy")
+    assert decode_method(sent[0][7:-1])[1]["reply_code"] == 200
+    # The broker's Close crosses ours: counted as answered once we answer it (RabbitMQ may never
+    # send the Close-Ok for ours), and a late Close-Ok is dropped.
+    link.close_event(CloseEvent.BROKER_CLOSE)
+    assert link.upstream_channel not in upstream.links
+    assert link.close_event(CloseEvent.BROKER_CLOSE_OK) == (b"", False)
 
 
-def test_orphaned_link_client_side_is_done():
+def test_a_link_without_a_client_has_no_client_side():
     link = Link(None, 0, None, 5)
-    assert link.client_side_done()
+    assert link.client_not_listening
 
 
 class _Client:
-    exclusive_upstream = None
+    pass
 
 
 def test_exclusive_queues_follow_their_client():

@@ -26,10 +26,12 @@ from amqproxy.channel import Link
 from amqproxy.client import ClientSession
 from amqproxy.metrics import CLIENT_TO_UPSTREAM, FRAMES, UPSTREAM_TO_CLIENT
 from amqproxy.protocol import constants as c
+from amqproxy.protocol.connection import ClientConnection
 from amqproxy.protocol.content import DELIVER, PUBLISH, Run, append_frames, message_run, properties_valid
 from amqproxy.protocol.errors import ProtocolError
 from amqproxy.protocol.frames import FrameReader
-from amqproxy.upstream import Upstream
+from amqproxy.protocol.rules import Role
+from amqproxy.upstream import Upstream, UpstreamState
 
 FRAME = struct.Struct(">BHI")
 
@@ -177,8 +179,7 @@ class _Socket:
 
 
 class _Upstream:
-    outbox = None
-    state = "open"
+    alive = True
 
     def __init__(self, max_body: int) -> None:
         self.max_body = max_body
@@ -186,6 +187,9 @@ class _Upstream:
 
     def send(self, data: bytes | bytearray, received_at: float = 0.0) -> None:
         self.sent += data
+
+    def backed_up(self) -> bool:
+        return False
 
 
 def run_client(chunks: list[bytes], fast: bool, max_body: int) -> dict:
@@ -198,7 +202,8 @@ def run_client(chunks: list[bytes], fast: bool, max_body: int) -> dict:
 def _run_client(chunks: list[bytes], max_body: int) -> dict:
     session = ClientSession.__new__(ClientSession)
     session.sock = _Socket(chunks)
-    session._reader = FrameReader(4096)
+    session.core = ClientConnection(0)
+    session.core.reader = FrameReader(4096)
     session.channels = {}
     session._batches = defaultdict(bytearray)
     session.closing = False
@@ -209,7 +214,7 @@ def _run_client(chunks: list[bytes], max_body: int) -> dict:
     upstream = _Upstream(max_body)
     for client_channel, upstream_channel in ((1, 1), (2, 9)):  # channel 2 is remapped
         link = Link(session, client_channel, upstream, upstream_channel)  # type: ignore[arg-type]
-        link.role = "publish"
+        link.role = Role.PUBLISH
         session.channels[client_channel] = link
     session.channels[2].confirm = True
     frames_before = list(FRAMES[CLIENT_TO_UPSTREAM])
@@ -302,7 +307,6 @@ class _Client:
     def __init__(self, max_body: int) -> None:
         self.max_body = max_body
         self.received = bytearray()
-        self.messages_out = 0
 
     def deliver(self, data: bytes | bytearray, received_at: float) -> None:
         self.received += data
@@ -322,7 +326,7 @@ def _run_upstream(chunks: list[bytes], max_body: int) -> dict:
     upstream.frame_max = 4096
     upstream.links = {}
     upstream.last_recv = 0.0
-    upstream.state = "open"
+    upstream.state = UpstreamState.OPEN
     clients = [_Client(max_body), _Client(max_body)]
     for (upstream_channel, client_channel), client in zip(((1, 1), (2, 5)), clients, strict=True):
         upstream.links[upstream_channel] = Link(client, client_channel, upstream, upstream_channel)  # type: ignore[arg-type]
@@ -331,7 +335,6 @@ def _run_upstream(chunks: list[bytes], max_body: int) -> dict:
         upstream._read_loop()
     return {
         "received": [bytes(client.received) for client in clients],
-        "messages_out": [client.messages_out for client in clients],
         "frames": [a - b for a, b in zip(FRAMES[UPSTREAM_TO_CLIENT], frames_before, strict=True)],
         "links": [(link.delivered, link.body_due) for link in upstream.links.values()],
     }

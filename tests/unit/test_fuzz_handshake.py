@@ -19,7 +19,8 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 
-from amqproxy.client import ClientSession, _Refused
+from amqproxy.client import ClientSession
+from amqproxy.client_handshake import Refused
 from amqproxy.config import Config
 from amqproxy.protocol import constants as c
 from amqproxy.protocol.codec import decode_method, encode_method, encode_table
@@ -130,7 +131,7 @@ def drive_handshake(client_bytes, pace: float = 0.0, full: bool = False):
     proxy = real_proxy()
     opened_before = opened_total()
     ours, theirs = gevent.socket.socketpair()
-    session = ClientSession(proxy, ours, ("127.0.0.1", 40000))
+    session = ClientSession(proxy, ours, ("127.0.0.1", 40000), proxy.sessions.discard)
     received = bytearray()
 
     def client():
@@ -156,7 +157,7 @@ def drive_handshake(client_bytes, pace: float = 0.0, full: bool = False):
                 else:
                     session._handshake()
                     outcome = ("open",)
-            except _Refused as exc:
+            except Refused as exc:
                 outcome = ("refused", str(exc))
             except ProtocolError as exc:
                 outcome = ("protocol_error", exc.reply_code, exc.text)

@@ -9,12 +9,14 @@ import pytest
 from amqproxy.protocol import constants as c
 from amqproxy.protocol.codec import decode_method, encode_method
 from amqproxy.recovery import (
+    BLAME_WINDOW,
     ChannelRecord,
     ConfirmTracker,
     Consumer,
     Topology,
     ack_tag,
     consume_nowait,
+    culprit,
     delivery_tag_position,
     qos_default,
     qos_global,
@@ -246,6 +248,59 @@ def test_a_reply_that_answers_nothing_pending_is_ignored():
     send(record, topology, c.BASIC_QOS, **qos(1))
     assert record.reply(c.BASIC_CONSUME_OK, "x", topology) is None
     assert len(record.pending) == 1
+
+
+# ---------------------------------------------------------------------------- blame for a broker connection error
+
+
+def test_the_client_with_the_named_request_unanswered_is_the_culprit():
+    """540 naming basic.consume (a consume on a quorum queue under a global qos): the client whose
+    consume is unanswered, not its neighbour with other requests in flight."""
+    topology = Topology()
+    offender, bystander = ChannelRecord(), ChannelRecord()
+    send(offender, topology, c.BASIC_CONSUME, **consume("quorum-q"))
+    send(bystander, topology, c.QUEUE_DECLARE, **queue_declare("other"))
+    lost = {"offender": [ChannelRecord(), offender], "bystander": [bystander]}
+    assert culprit(lost, c.BASIC_CONSUME, now=100.0) == "offender"
+    assert culprit(lost, c.BASIC_GET, now=100.0) is None  # nobody has a basic.get unanswered
+
+
+def test_an_answered_request_is_not_blamed():
+    record, topology = ChannelRecord(), Topology()
+    send(record, topology, c.BASIC_CONSUME, **consume("q"))
+    record.reply(c.BASIC_CONSUME_OK, "amq.ctag-1", topology)
+    assert culprit({"client": [record]}, c.BASIC_CONSUME, now=0.0) is None
+
+
+def test_two_possible_culprits_blame_nobody():
+    topology = Topology()
+    first, second = ChannelRecord(), ChannelRecord()
+    send(first, topology, c.BASIC_CONSUME, **consume("q1"))
+    send(second, topology, c.BASIC_CONSUME, **consume("q2"))
+    assert culprit({"a": [first], "b": [second]}, c.BASIC_CONSUME, now=0.0) is None
+    # ... but two channels of one client are one culprit
+    assert culprit({"a": [first, second]}, c.BASIC_CONSUME, now=0.0) == "a"
+
+
+@pytest.mark.parametrize("method", [c.BASIC_NACK, c.BASIC_REJECT])
+def test_a_recent_nack_or_reject_is_blamed_an_old_one_is_not(method):
+    """basic.nack/basic.reject have no reply (540 on a stream): blamed within BLAME_WINDOW."""
+    recent, old, never = ChannelRecord(), ChannelRecord(), ChannelRecord()
+    recent.refused_at = 100.0
+    old.refused_at = 100.0 - BLAME_WINDOW - 1
+    lost = {"recent": [recent], "old": [old], "never": [never]}
+    assert culprit(lost, method, now=100.5) == "recent"
+    assert culprit({"old": [old], "never": [never]}, method, now=100.5) is None
+
+
+def test_a_close_naming_no_method_blames_the_one_client_with_a_request_in_flight():
+    """541 INTERNAL_ERROR names no method (the broker's channel process crashed, e.g. on an invalid
+    x-stream-offset): the client with an unanswered request, if it alone has one."""
+    topology = Topology()
+    busy, idle = ChannelRecord(), ChannelRecord()
+    send(busy, topology, c.BASIC_CONSUME, **consume("stream", arguments={"x-stream-offset": "bogus"}))
+    assert culprit({"busy": [busy], "idle": [idle]}, (0, 0), now=0.0) == "busy"
+    assert culprit({"idle": [idle]}, (0, 0), now=0.0) is None
 
 
 def test_consume_nowait_keeps_flags_and_arguments_and_sets_tag():
