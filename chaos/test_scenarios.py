@@ -293,8 +293,8 @@ BLACKHOLE_STALL_BOUND = SILENCE + 1 + MARGIN
 
 @pytest.mark.parametrize("nodes", [1, 2], ids=["blackhole of the only node", "blackhole of one of two nodes"])
 def test_blackhole_recover_mode_clients_without_recovery(chaos, nodes):
-    """The timeout toxic (0: hold every byte, never close) on both streams of node 0's route
-    for 12 s. The watchdog finds the silent upstreams a client waits on (publishers: confirms
+    """The timeout toxic (0: hold every byte, never close) on both streams of the publishers'
+    node for 12 s. The watchdog finds the silent upstreams a client waits on (publishers: confirms
     due) within SILENCE + 1 s; idle ones (consumers) go by missed heartbeats (2 x 5 s). With two
     nodes the channels are recovered on node 1 at once; with one, once the route is back (the
     waiting dials probe it every 0.25 s). Clients see no error but basic.nack for the publishes
@@ -307,7 +307,9 @@ def test_blackhole_recover_mode_clients_without_recovery(chaos, nodes):
         reconnect=False,
         proxy_args=BLACKHOLE,
     )
-    route = run.routes[0]
+    # The node under the publishers (round-robin may have put every connection on one node).
+    publishing = {c["node"] for c in run.probe.upstreams()["connections"] if c["role"] == "publish"}
+    route = next((r for r in run.routes if r.listen in publishing), run.routes[0])
     with run.fault("timeout 0 both ways 12 s"):
         started = time.monotonic()
         route.add_toxic(type="timeout", attributes={"timeout": 0})
