@@ -109,6 +109,7 @@ class Link(ChannelGuard):
         "pending_deletes",
         "content",
         "waiter",
+        "open_pending",
         # recovery (see recovery.py); hot-path counters are plain attributes
         "record",
         "role",
@@ -144,6 +145,7 @@ class Link(ChannelGuard):
         # until complete so that the upstream never sees a partial message.
         self.content = bytearray()
         self.waiter: AsyncResult | None = None  # set by the proxy's own round trips (health checks)
+        self.open_pending = False  # a pipelined upstream channel.open awaits its open-ok (watchdog)
         self.record = ChannelRecord()  # settings, consumers, unanswered requests (control path only)
         self.role: Role | None = None  # where it was placed, and is placed again
         self.delivered = 0  # deliveries to the client: the last delivery tag it saw

@@ -60,7 +60,10 @@ class Config:
     frame_max: int = 131072
     idle_timeout: float = 30.0
     client_heartbeat: int = 60
-    upstream_heartbeat: int = 30
+    upstream_heartbeat: int = 5
+    upstream_silence_timeout: float = 8.0
+    upstream_keepalive: float = 10.0
+    upstream_tcp_user_timeout: float = 0.0
     connect_timeout: float = 10.0
     handshake_timeout: float = 10.0
     client_buffer: int = 64 * 1024 * 1024
@@ -89,6 +92,7 @@ class Config:
     breaker_min_requests: int = 10
     breaker_open_time: float = 5.0
     breaker_open_max: float = 60.0
+    breaker_probe_interval: float = 0.25
     breaker_max_open_percent: float = 50.0
     breaker_all_open: str = "fail-fast"
     upstream_failure: str = "recover"
@@ -357,7 +361,38 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("client_heartbeat", _heartbeat, "60", "heartbeat offered to clients in Tune (seconds, 0 = off)", "SECONDS"),
     Option(
-        "upstream_heartbeat", _heartbeat, "30", "heartbeat asked of brokers on pooled connections (seconds)", "SECONDS"
+        "upstream_heartbeat",
+        _heartbeat,
+        "5",
+        "heartbeat asked of brokers on pooled connections (seconds; an idle connection silent for twice this "
+        "is dead). Few pooled connections afford a short one; under 5 gives false positives",
+        "SECONDS",
+    ),
+    Option(
+        "upstream_silence_timeout",
+        _non_negative_float,
+        "8",
+        "while the proxy waits for a broker (a reply, a confirm, a channel.open, an unsent write) and has read "
+        "nothing at all from that connection for this long, the connection is dead; at least "
+        "--upstream-heartbeat + 3 (an idle broker may write nothing for one heartbeat interval); 0 = off",
+        "SECONDS",
+    ),
+    Option(
+        "upstream_keepalive",
+        _non_negative_float,
+        "10",
+        "TCP keepalive on upstream sockets: probes after this many idle seconds, 3 probes a third of it apart; "
+        "0 = off (heartbeats keep a healthy connection from ever being idle that long)",
+        "SECONDS",
+    ),
+    Option(
+        "upstream_tcp_user_timeout",
+        _non_negative_float,
+        "0",
+        "TCP_USER_TIMEOUT of upstream sockets: the kernel drops a connection whose sent data stays unacknowledged "
+        "this long; it also drops one a broker stops reading (memory alarm), so keep it above the longest alarm; "
+        "0 = off",
+        "SECONDS",
     ),
     Option(
         "connect_timeout", _positive_float, "10", "timeout for an upstream TCP connect plus AMQP handshake", "SECONDS"
@@ -508,6 +543,14 @@ OPTIONS: tuple[Option, ...] = (
         "SECONDS",
     ),
     Option("breaker_open_max", _positive_float, "60", "longest open period of a breaker (seconds)", "SECONDS"),
+    Option(
+        "breaker_probe_interval",
+        _positive_float,
+        "0.25",
+        "a client already waiting for a failing node (open breaker or not) probes it this often, one probe at a "
+        "time per node: the client gets in within this long of the node's return (seconds)",
+        "SECONDS",
+    ),
     Option(
         "breaker_max_open_percent",
         _percent,

@@ -33,6 +33,12 @@ class BreakerPolicy:
     open_time: float = 5.0  # first open period; doubles on each repeated trip
     open_time_max: float = 60.0
     jitter: float = 0.2  # +/- share of the open period
+    # A request that already waits (a client held through an outage) may probe a failing node
+    # this often, open period or not: the breaker then never keeps a waiting client out of a
+    # node that is back, and the node still sees at most 1/probe_interval attempts a second.
+    probe_interval: float = 0.25
+    # A probe that has not reported within this long no longer blocks the next one.
+    probe_timeout: float = 15.0
 
 
 @dataclass(frozen=True)
@@ -50,7 +56,13 @@ class BackoffPolicy:
 
 
 class CircuitBreaker:
-    """closed -> open (after failures) -> half-open (after the open period; one probe) -> closed/open."""
+    """closed -> open (after failures) -> half-open (after the open period; one probe) -> closed/open.
+
+    The open period only keeps out *new* requests. A waiting request (one that already tried,
+    or a recovery) is let through as a probe once per `probe_interval` whenever the node is
+    failing (open, half-open, or closed after a failure), one probe at a time: the first probe
+    after the node's return closes the breaker, so a waiting client is never kept out longer
+    than a probe interval, and a dead node is never dialled faster than that."""
 
     def __init__(
         self,
@@ -65,38 +77,51 @@ class CircuitBreaker:
         self.trips = 0  # consecutive trips without a success: grows the open period
         self.open_until = 0.0
         self._probe_in_flight = False
+        self._probe_started = float("-inf")
         self._events: deque[tuple[float, bool]] = deque()
         self._on_change = on_change
         self._clock = clock
         self._rng = rng
 
-    def allows_attempt(self) -> bool:
-        """May a new connection be tried now? Half-open lets exactly one probe through."""
-        if self.state == OPEN and self._clock() >= self.open_until:
+    def allows_attempt(self, waiting: bool = False) -> bool:
+        """May a connection be tried now? A new request (`waiting` False): yes when closed; half-open
+        lets exactly one probe through. A waiting request: yes when closed and healthy, else
+        as a probe (see the class docstring)."""
+        now = self._clock()
+        if self.state == OPEN and now >= self.open_until:
             self._move(HALF_OPEN)
-        if self.state == CLOSED:
+        if self.state == CLOSED and (not waiting or not self.consecutive_failures):
             return True
-        if self.state == HALF_OPEN and not self._probe_in_flight:
+        if self._probe_in_flight and now - self._probe_started < self.policy.probe_timeout:
+            return False
+        if self.state == HALF_OPEN or (waiting and now - self._probe_started >= self.policy.probe_interval):
             self._probe_in_flight = True
+            self._probe_started = now
             return True
         return False
+
+    def probe_abandoned(self) -> None:
+        """An attempt ended without a verdict on the node (its caller went away)."""
+        self._probe_in_flight = False
 
     def record_success(self) -> None:
         self._record(True)
         self.consecutive_failures = 0
+        self._probe_in_flight = False
         if self.state != CLOSED:
             self.trips = 0
-            self._probe_in_flight = False
             self._move(CLOSED)
 
-    def record_failure(self, may_open: bool = True) -> None:
-        """A transient failure. `may_open` is False when the open-breaker cap forbids a trip."""
+    def record_failure(self, may_open: bool = True, trip: bool = False) -> None:
+        """A transient failure. `may_open` is False when the open-breaker cap forbids a trip;
+        `trip`: open now, whatever the counts (a node found silent: sure enough to send clients
+        elsewhere at once). A failed probe of an open breaker keeps it open as it is."""
         self._record(False)
         self.consecutive_failures += 1
+        self._probe_in_flight = False
         if self.state == HALF_OPEN:
-            self._probe_in_flight = False
             self._trip()
-        elif self.state == CLOSED and may_open and self._should_trip():
+        elif self.state == CLOSED and may_open and (trip or self._should_trip()):
             self._trip()
 
     def _record(self, ok: bool) -> None:
@@ -208,8 +233,21 @@ class NodeSet:
                 return state
         raise KeyError(node.label)
 
-    def candidates(self) -> list[NodeState]:
-        """Nodes to try for a new connection, best first; nodes whose breaker is open are left out."""
+    def candidates(self, waiting: bool = False) -> list[NodeState]:
+        """Nodes to try for a connection, best first; nodes whose breaker is open are left out.
+
+        `waiting`: the request already waits out a failure. Healthy nodes come alone when there
+        are any (clients go to another node at once); only when none is left may it probe the
+        failing ones, each at most once per probe interval (`CircuitBreaker.allows_attempt`)."""
+        ordered = self._ordered()
+        if not waiting:
+            return [s for s in ordered if s.breaker.allows_attempt()]
+        healthy = [s for s in ordered if s.breaker.state == CLOSED and not s.breaker.consecutive_failures]
+        if healthy:
+            return healthy
+        return [s for s in ordered if s.breaker.allows_attempt(waiting=True)]
+
+    def _ordered(self) -> list[NodeState]:
         live = [s for s in self.states if not s.retired]
         if not live:
             return []
@@ -222,7 +260,7 @@ class NodeSet:
             start = self._next % len(live)
             self._next += 1
             ordered = live[start:] + live[:start]
-        return [s for s in ordered if s.breaker.allows_attempt()]
+        return ordered
 
     def may_open_another(self) -> bool:
         """The cap on open breakers: never take every node out for lack of a better one."""
@@ -230,11 +268,11 @@ class NodeSet:
         limit = max(1, int(len(live) * self.max_open_percent / 100))
         return sum(1 for s in live if s.breaker.state != CLOSED) < limit
 
-    def record_failure(self, state: NodeState, error: str) -> None:
+    def record_failure(self, state: NodeState, error: str, trip: bool = False) -> None:
         self.recent.add(FAILURE, state.node.label, error)
         state.last_error = error
         state.last_error_at = self._clock()
-        state.breaker.record_failure(may_open=state.breaker.state != CLOSED or self.may_open_another())
+        state.breaker.record_failure(may_open=state.breaker.state != CLOSED or self.may_open_another(), trip=trip)
 
     def record_success(self, state: NodeState) -> None:
         failures = state.breaker.consecutive_failures

@@ -29,7 +29,7 @@ from gevent.event import AsyncResult
 
 from .channel import ClientLeg
 from .exclusive import ExclusiveQueues
-from .nodes import BackoffPolicy, BreakerPolicy, NodeSet
+from .nodes import OPEN, BackoffPolicy, BreakerPolicy, NodeSet
 from .protocol.handshake import Credentials
 from .protocol.rules import Role
 from .upstream import Upstream, UpstreamError, UpstreamState
@@ -48,6 +48,8 @@ HELD_TTL = 5.0
 VERIFY_TIMEOUT = 3.0
 
 PoolKey = tuple[str, str, str]
+# Ways an upstream is found dead by silence (nothing read), rather than told so.
+SILENCE_KINDS = frozenset({"silence_timeout", "heartbeat_timeout", "health_check"})
 
 
 class ChannelOwner(ClientLeg, Protocol):
@@ -186,20 +188,27 @@ class Pool:
             )
             if upstream.attach(link, role):
                 if not verify:
+                    link.open_pending = True  # the caller pipelines channel.open; the watchdog covers it
                     return upstream, False
                 timeout = min(VERIFY_TIMEOUT, self.config.connect_timeout)
                 if upstream.open_channel(link, timeout):
                     return upstream, True
-                if upstream.state is UpstreamState.CLOSED and self.config.upstream_failure == "recover":
-                    # It died while answering (a node going down): try the next connection.
-                    if time.monotonic() > deadline:
-                        raise UpstreamError(f"connection to {upstream.node.label} lost: {upstream.close_cause}")
-                    continue
-                upstream.fail(
-                    f"health check failed: no answer from {upstream.node.label} to channel.open within {timeout:g} s",
-                    kind="health_check",
-                )
-                raise UpstreamError(f"{upstream.node.label} did not answer within {timeout:g} s")
+                recover = self.config.upstream_failure == "recover"
+                if upstream.state is not UpstreamState.CLOSED:
+                    if recover:
+                        upstream.release(link)  # this caller places the link again, below
+                    upstream.fail(
+                        f"health check failed: no answer from {upstream.node.label} to channel.open within "
+                        f"{timeout:g} s",
+                        kind="health_check",
+                    )
+                    if not recover:
+                        raise UpstreamError(f"{upstream.node.label} did not answer within {timeout:g} s")
+                # It died while answering (a node going down, or silent): try the next connection.
+                upstream.release(link)
+                if time.monotonic() > deadline:
+                    raise UpstreamError(f"connection to {upstream.node.label} lost: {upstream.close_cause}")
+                continue
             if time.monotonic() > deadline:
                 raise UpstreamError(f"no healthy upstream connection for vhost '{key[2]}' within the connect timeout")
 
@@ -274,10 +283,14 @@ class Pool:
         delays = self.backoff.delays()
         last_error: UpstreamError | None = None
         first = True
+        probe_interval = self.config.breaker_probe_interval
         while True:
-            candidates = self.nodes.candidates()
-            # Fail fast only for a *new* request: one already waiting out an outage keeps waiting
-            # (a breaker that opens meanwhile half-opens later and lets its probe through).
+            # A request that waits (after its first round, or a recovery) probes failing nodes
+            # once per probe interval, open breaker or not, when no healthy node is left
+            # (NodeSet.candidates): the node's return ends its wait within that interval.
+            waiting = patient or not first
+            candidates = self.nodes.candidates(waiting)
+            # Fail fast only for a *new* request: one already waiting out an outage keeps waiting.
             fail_fast = first and not patient and self.config.breaker_all_open == "fail-fast"
             first = False
             if not candidates and fail_fast and self.nodes.all_open():
@@ -289,13 +302,18 @@ class Pool:
             for node_state in candidates:
                 if self.stopping:
                     raise UpstreamError("proxy shutting down")
+                timeout = self.config.connect_timeout
+                if deadline is not None:  # a dial never outlives its caller's deadline
+                    timeout = max(0.1, min(timeout, deadline - time.monotonic()))
                 try:
-                    return self._connect(node_state.node, credentials, vhost)
+                    return self._connect(node_state.node, credentials, vhost, timeout)
                 except UpstreamError as exc:
                     if exc.permanent:
                         raise
                     last_error = exc
-            delay = next(delays)
+            # Backoff paces a request's first attempts; once it waits, the breakers' probe
+            # interval does (per node, whoever probes), so a node's return is seen at once.
+            delay = min(next(delays), probe_interval)
             if deadline is not None and time.monotonic() + delay > deadline:
                 if last_error is None:
                     raise UpstreamError("no upstream node available" + self._last_node_error())
@@ -306,17 +324,25 @@ class Pool:
         errors = [f"{s.node.label}: {s.last_error}" for s in self.nodes.states if s.last_error]
         return f" ({'; '.join(errors)})" if errors else ""
 
-    def _connect(self, node: Node, credentials: Credentials, vhost: str | None) -> Upstream:
+    def _connect(
+        self, node: Node, credentials: Credentials, vhost: str | None, timeout: float | None = None
+    ) -> Upstream:
         node_state = self.nodes.state_of(node)
         upstream = Upstream(self, node, credentials, next(self._ids))
         started = time.monotonic()
+        if timeout is None:
+            timeout = self.config.connect_timeout
         try:
-            upstream.login(self.config.connect_timeout)
+            upstream.login(timeout)
             self.channel_max = upstream.broker_channel_max
             self.frame_max = upstream.frame_max
             if vhost is not None:
-                upstream.open(vhost, self.config.connect_timeout)
-        except UpstreamError as exc:
+                upstream.open(vhost, max(0.1, timeout - (time.monotonic() - started)))
+        except BaseException as exc:
+            if not isinstance(exc, UpstreamError):
+                node_state.breaker.probe_abandoned()  # e.g. the waiting client's greenlet was killed
+                upstream.abort()
+                raise
             category = "permanent" if exc.permanent else "transient"
             log.warning(
                 "upstream connection failed",
@@ -386,7 +412,11 @@ class Pool:
             upstream.counted = False
             self.nodes.state_of(upstream.node).connections -= 1
         if unexpected and upstream.vhost is not None:
-            self.nodes.record_failure(self.nodes.state_of(upstream.node), upstream.close_cause)
+            # A node found silent is sure to fail the next client too: its breaker opens at
+            # once (cap permitting), so the others go to another node without trying it first.
+            self.nodes.record_failure(
+                self.nodes.state_of(upstream.node), upstream.close_cause, trip=upstream.fail_kind in SILENCE_KINDS
+            )
             key = upstream.key
             if key in self._credentials and (wanted or self.config.min_idle_upstreams):
                 self._replenish(key)
@@ -455,6 +485,7 @@ class Pool:
                     upstream.close("idle timeout", "idle_timeout")
             if keep and len([u for u in self.upstreams.get(key, ()) if not u.links]) < keep:
                 self._replenish(key)
+        self._probe_open_nodes(now)
         for login, held in list(self._held.items()):
             for upstream in list(held):
                 if now - upstream.created > HELD_TTL:
@@ -462,6 +493,32 @@ class Pool:
                     upstream.abort()
             if not held:
                 del self._held[login]
+
+    def _probe_open_nodes(self, now: float) -> None:
+        """A node whose breaker opened while no client needs it any more (its clients moved to
+        another node) would stay open, its state unknown, until a client came for it: once the
+        open period is over, the janitor dials it itself (half-open probe) with a credential set
+        in use; the connection joins the pool, the idle timeout closes it."""
+        if self.stopping or not self._credentials:
+            return
+        key = next(reversed(self._credentials))  # the latest credential set proven
+        credentials = self._credentials[key]
+        for state in self.nodes.states:
+            breaker = state.breaker
+            if state.retired or breaker.state != OPEN or now < breaker.open_until:
+                continue
+            if not breaker.allows_attempt():  # half-open now; this dial is its one probe
+                continue
+            node = state.node
+
+            def probe(node: Node = node) -> None:
+                try:
+                    upstream = self._connect(node, credentials, key[2])
+                except UpstreamError:
+                    return  # recorded against the node by _connect
+                self.upstreams.setdefault(key, []).append(upstream)
+
+            gevent.spawn(probe)  # a closure: greenlet listings must not show the credentials
 
     def tick(self, now: float) -> None:
         for upstream in self.all_upstreams():
@@ -502,4 +559,6 @@ def _breaker_policy(config: Config) -> BreakerPolicy:
         min_requests=config.breaker_min_requests,
         open_time=config.breaker_open_time,
         open_time_max=config.breaker_open_max,
+        probe_interval=config.breaker_probe_interval,
+        probe_timeout=config.connect_timeout + 5.0,
     )

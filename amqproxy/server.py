@@ -31,10 +31,11 @@ from .metrics import RELOADS, Metrics, MultiprocessBridge, multiprocess_enabled
 from .pool import Pool
 from .protocol import constants as c
 from .protocol import proxyproto
+from .upstream import TICK
 
 log = logging.getLogger("amqproxy.server")
 
-JANITOR_INTERVAL = 1.0
+JANITOR_INTERVAL = TICK  # upstream liveness (heartbeats, the watchdog) assumes this cadence
 SHUTDOWN_GRACE = 3.0
 DRAIN_REPORT_INTERVAL = 5.0
 

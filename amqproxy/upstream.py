@@ -136,12 +136,14 @@ class Upstream:
         self.last_recv = self.created
         self.blocked_reason: str | None = None
         self.close_cause = ""
+        self.fail_kind = ""  # how it failed (metric reason), once it has
         # The broker's Connection.Close, when it closed us: (reply code, text, class and method).
         self.broker_close: tuple[int, str, tuple[int, int]] | None = None
         self.role: Role | None = None  # role of its client channels; None when it has none
         self.blocked_clients: set[ClientLeg] = set()  # clients sent connection.blocked for us
         self.counted = False  # counted in its node's connection count
         self._reader: gevent.Greenlet | None = None
+        self._watch_timer: gevent.Greenlet | None = None  # the watchdog's check due before the next tick
         self._handshake = FrameReader(c.PRE_TUNE_FRAME_MAX)
 
     def __repr__(self) -> str:
@@ -163,6 +165,7 @@ class Upstream:
         try:
             sock = socket.create_connection((self.node.host, self.node.port), timeout=timeout)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            tune_socket(sock, cfg.upstream_keepalive, cfg.upstream_tcp_user_timeout)
             if self.node.proxy_protocol:  # before any TLS byte, as the broker expects it
                 sock.sendall(proxyproto.encode(self.node.proxy_protocol, sock.getsockname(), sock.getpeername()))
             sock = tls.wrap_upstream(sock, self.node, cfg)  # amqps://: TLS (+mTLS) with SNI
@@ -541,6 +544,9 @@ class Upstream:
             self._finish()
         elif method == c.CONNECTION_BLOCKED:
             self.blocked_reason = args["reason"]
+            # The broker stops reading a blocked connection: our unsent data is then no sign of
+            # a dead peer, so the kernel's user timeout must not count it.
+            self._set_user_timeout(0.0)
             for client in self.clients():
                 self.tell_blocked(client)
         elif method == c.CONNECTION_UNBLOCKED:
@@ -550,6 +556,8 @@ class Upstream:
         """Update channel state from a broker reply; return whether to forward it to the client,
         or the payload to forward instead (renumbered after a recovery)."""
         client = link.client
+        if method == c.CHANNEL_OPEN_OK:
+            link.open_pending = False
         if link.replay is not None:
             return self._on_replay(link, method, payload)
         if method in _CONFIRMS:
@@ -678,6 +686,8 @@ class Upstream:
     def _unblock_all(self) -> None:
         """The block is over (or this connection is): tell every client that was told it began,
         whether or not it still has channels here."""
+        if self.blocked_reason is not None and self.state is UpstreamState.OPEN:
+            self._set_user_timeout(self.pool.config.upstream_tcp_user_timeout)
         self.blocked_reason = None
         blocked, self.blocked_clients = self.blocked_clients, set()
         for client in blocked:
@@ -689,10 +699,28 @@ class Upstream:
     # ------------------------------------------------------------------ liveness and closing
 
     def tick(self, now: float) -> None:
-        """Called by the janitor about once a second: heartbeats on this leg."""
-        if self.state is not UpstreamState.OPEN or not self.heartbeat or self.outbox is None:
+        """Called by the janitor about once a second: heartbeats on this leg, and the watchdog.
+
+        The watchdog: while the proxy waits for this broker (`awaiting`) and has read nothing at
+        all from it for --upstream-silence-timeout, the connection is dead. An idle broker still
+        writes a heartbeat at least once per heartbeat interval, a blocked one (memory alarm)
+        too, so silence longer than that (the timeout must exceed it) while a reply is due means
+        the bytes stopped flowing: a dead NAT entry, a hung host, a partition."""
+        if self.state is not UpstreamState.OPEN or self.outbox is None:
             return
-        if now - self.last_recv > 2 * self.heartbeat:
+        silent = now - self.last_recv
+        timeout = self.silence_timeout()
+        if timeout and silent > timeout - TICK:
+            if silent > timeout:
+                if self._watchdog():
+                    return
+            elif self._watch_timer is None and self.awaiting():
+                # Due before the next tick: check at the very moment instead, so detection
+                # takes the silence timeout, not up to a tick more.
+                self._watch_timer = gevent.spawn_later(timeout - silent, self._watch_at_timeout)
+        if not self.heartbeat:
+            return
+        if silent > 2 * self.heartbeat:
             self.fail(
                 f"missed heartbeats from {self.node.label} ({2 * self.heartbeat} s without a frame)",
                 kind="heartbeat_timeout",
@@ -700,6 +728,59 @@ class Upstream:
             return
         if now - self.outbox.last_write >= self.heartbeat / 2:
             self.outbox.put(HEARTBEAT_FRAME)
+
+    def _watchdog(self) -> bool:
+        """Fail the connection if it has been silent past the timeout while awaited."""
+        silent = time.monotonic() - self.last_recv
+        timeout = self.silence_timeout()
+        if self.state is not UpstreamState.OPEN or not timeout or silent < timeout:
+            return False
+        waiting = self.awaiting()
+        if not waiting:
+            return False
+        self.fail(
+            f"silent upstream: nothing read from {self.node.label} for {silent:.1f} s while waiting for "
+            f"{waiting} (--upstream-silence-timeout {timeout:g} s)",
+            kind="silence_timeout",
+        )
+        return True
+
+    def silence_timeout(self) -> float:
+        """The watchdog's timeout: --upstream-silence-timeout, but never less than one heartbeat
+        interval (an idle or blocked broker writes a heartbeat at least that often) plus 3 s for
+        a busy broker's pauses; 0 = off."""
+        timeout = self.pool.config.upstream_silence_timeout
+        return max(timeout, self.heartbeat + SILENCE_MARGIN) if timeout else 0.0
+
+    def _watch_at_timeout(self) -> None:
+        self._watch_timer = None
+        self._watchdog()
+
+    def awaiting(self) -> str:
+        """What the proxy waits for from the broker on this connection ("" when nothing): a
+        channel.open's open-ok (verified or pipelined), a recovery's replay, a reply to a
+        synchronous request, a publisher confirm, or data the socket has not taken."""
+        if self.outbox is not None and self.outbox.buffered:
+            return f"the broker to take {self.outbox.buffered} bytes"
+        for link in self.links.values():
+            if link.waiter is not None or link.open_pending:
+                return f"channel.open-ok on channel {link.upstream_channel}"
+            if link.record.pending:
+                return f"a reply on channel {link.upstream_channel}"
+            tracker = link.confirms
+            if link.confirm and tracker is not None and not link.closing:
+                sent = link.published - (1 if link.content else 0)
+                if tracker.acked_upto + len(tracker.above) < sent:
+                    return f"publisher confirms on channel {link.upstream_channel}"
+        return ""
+
+    def _set_user_timeout(self, seconds: float) -> None:
+        if self.sock is None or not self.pool.config.upstream_tcp_user_timeout or not _HAS_USER_TIMEOUT:
+            return
+        try:
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(seconds * 1000))
+        except OSError:
+            pass
 
     def close(self, reason: str, kind: str, grace: float = 5.0) -> None:
         """Close cleanly (Connection.Close 200); only called once no client channel is attached.
@@ -732,6 +813,7 @@ class Upstream:
         was_open = self.state is UpstreamState.OPEN
         self.state = UpstreamState.CLOSED
         self.close_cause = cause
+        self.fail_kind = kind
         # Clients with channels here, and clients whose exclusive queues died with it.
         lost: dict[ClientLeg, list[Link]] = {client: [] for client in self.pool.exclusive.owners_on(self)}
         for link in self.links.values():
@@ -797,9 +879,33 @@ class Upstream:
         reader = self._reader
         if reader is not None and reader is not gevent.getcurrent():
             reader.kill(block=False)
+        timer, self._watch_timer = self._watch_timer, None
+        if timer is not None and timer is not gevent.getcurrent():
+            timer.kill(block=False)
 
     def _on_write_error(self, exc: BaseException) -> None:
         self.fail(f"write to {self.node.label} failed: {_describe(exc)}")
+
+
+_HAS_USER_TIMEOUT = hasattr(socket, "TCP_USER_TIMEOUT")
+TICK = 1.0  # the janitor calls tick() about this often (server.JANITOR_INTERVAL)
+SILENCE_MARGIN = 3.0  # s the watchdog allows beyond a heartbeat interval (GC pauses, a loaded host)
+
+
+def tune_socket(sock: socket.socket, keepalive: float, user_timeout: float) -> None:
+    """Kernel-level liveness on an upstream socket: TCP keepalive (idle seconds; 3 probes a
+    third of that apart) and TCP_USER_TIMEOUT (unacknowledged data), where the OS has them."""
+    if keepalive:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for name, value in (
+            ("TCP_KEEPIDLE", keepalive),
+            ("TCP_KEEPINTVL", keepalive / 3),
+            ("TCP_KEEPCNT", 3),
+        ):
+            if hasattr(socket, name):
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), max(1, int(value)))
+    if user_timeout and _HAS_USER_TIMEOUT:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(user_timeout * 1000))
 
 
 def _describe(exc: BaseException) -> str:

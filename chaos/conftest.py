@@ -20,8 +20,26 @@ pytest_runtest_makereport = main_suite.pytest_runtest_makereport
 _RESULTS_KEY = pytest.StashKey[list]()
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--repeat",
+        type=int,
+        default=1,
+        metavar="N",
+        help="soak mode: run every selected chaos scenario N times (ids run1..runN); the summary adds totals",
+    )
+
+
 def pytest_configure(config):
     config.stash[_RESULTS_KEY] = []
+
+
+def pytest_generate_tests(metafunc):
+    """--repeat N: each scenario becomes N tests, one per run, each with a fresh proxy and routes."""
+    count = metafunc.config.getoption("repeat", 1)
+    if count > 1 and "chaos" in metafunc.fixturenames:
+        metafunc.fixturenames.append("soak_run")
+        metafunc.parametrize("soak_run", range(1, count + 1), ids=lambda i: f"run{i}")
 
 
 @pytest.fixture(scope="session")

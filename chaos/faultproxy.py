@@ -9,8 +9,10 @@ meaning:
   it arrived (order kept, so a pipelined stream is delayed, not throttled).
 - ``bandwidth`` {rate} (KB/s, 1 KB = 1000 bytes): the stream is paced to that rate.
 - ``timeout`` {timeout} (ms): the stream's data is dropped; once it has been quiet for
-  ``timeout`` the connection is closed (0: never). Removing the toxic closes the connections
-  it applied to (their streams lost data), as Toxiproxy's cleanup does.
+  ``timeout`` the connection is closed. ``timeout`` 0 is a blackhole: the stream is no longer
+  read past its buffer, so the data is held (the sender's TCP window fills, as behind a dead
+  route), never delivered, and the connection is never closed. Removing the toxic closes the
+  connections it applied to (their streams lost data), as Toxiproxy's cleanup does.
 - ``reset_peer`` {timeout} (ms): the next chunk on the stream (or its end) is dropped and,
   ``timeout`` later, both sockets are closed with SO_LINGER 0: both peers see ECONNRESET.
 - ``slow_close`` {delay} (ms): the end of the stream's source reaches the other side late.
@@ -194,6 +196,11 @@ class Link:
                 self.close(reset=True)
                 return
             timeouts = [t for t in toxics if t.type == "timeout"]
+            while any(t["timeout"] == 0 for t in timeouts):
+                # Blackhole: hold this chunk (and, once BUFFER is full, stop reading) until the
+                # toxic goes, which closes the link.
+                gevent.sleep(0.05)
+                timeouts = [t for t in self._active(stream) if t.type == "timeout"]
             for toxic in timeouts:
                 self.quiet_since[toxic.name] = time.monotonic()
             if not data:

@@ -42,6 +42,7 @@ BREAKER_OPEN_MAX = 4.0  # --breaker-open-max
 MARGIN = 8.0  # s added to every bound: a 2-core machine shared with other test runs
 STALL_BOUND = max(CONNECT_TIMEOUT, 2 * UPSTREAM_HEARTBEAT) + MARGIN
 RECOVERY_BOUND = BACKOFF_MAX + MARGIN
+DRAIN_BOUND = 20.0  # s the consumers get to consume every confirmed message before they stop
 QUIET_BOUND = 20.0  # s for the proxy's gauges to settle after the workload stopped
 WARMUP = 3.0  # s of workload before the fault (the pre-fault throughput window)
 RATE_WINDOW = 3.0  # s over which throughput is measured, before the fault and after recovery
@@ -181,11 +182,16 @@ class ChaosRun:
         slug = re.sub(r"\W+", "-", scenario).strip("-")[:40]
         self.routes = [toxi.route(f"chaos-{slug}-node{i}", f"{broker.host}:{broker.port}") for i in range(nodes)]
         upstreams = [a for r in self.routes for a in ("--upstream", f"amqp://{r.listen}")]
-        self.proxy = proxy_factory(*PROXY_ARGS, "--upstream-failure", upstream_failure, *upstreams, *proxy_args)
+        try:
+            self.proxy = proxy_factory(*PROXY_ARGS, "--upstream-failure", upstream_failure, *upstreams, *proxy_args)
+        except BaseException as exc:
+            self.result.violations.append(f"the proxy did not start: {exc!r}"[:300])
+            raise
         self.probe = ProxyProbe(self.proxy)
         self.queue = f"chaos-{slug}-{uuid.uuid4().hex[:8]}"
         self.endpoint = Endpoint(self.proxy.host, self.proxy.port, self.queue)
         self.workload = Workload(self.endpoint, publishers, consumers, consumer_delay, reconnect)
+        self.reconnect = reconnect
         self.ledger: Ledger = self.workload.ledger
         self.finished = self.closed = False
         self.fault_at: float | None = None
@@ -234,6 +240,19 @@ class ChaosRun:
         self.violation("a new client got through during the outage")
         return ("none", None, "")
 
+    def detected(self, since: float, bound: float, reasons: tuple[str, ...] = ("silence_timeout",)) -> float | None:
+        """Seconds from `since` until the proxy ended an upstream for one of `reasons` (polled
+        every 0.1 s; recorded as the scenario's detection time), None if not within `bound`."""
+        before = sum(self.probe.metric("amqproxy_upstream_connections_closed_total", reason=r) for r in reasons)
+        deadline = since + bound
+        while time.monotonic() < deadline:
+            now = sum(self.probe.metric("amqproxy_upstream_connections_closed_total", reason=r) for r in reasons)
+            if now > before:
+                self.result.detection = time.monotonic() - since
+                return self.result.detection
+            time.sleep(0.1)
+        return None
+
     def finish(
         self,
         client_errors: bool | None = True,
@@ -248,7 +267,9 @@ class ChaosRun:
         assert self.fault_at is not None and self.cleared_at is not None, "no fault() window"
         self.finished = True
         self._check_recovery()
-        stuck = self.workload.stop(timeout=STALL_BOUND + 5)
+        # Clients without recovery of their own (recover mode): every confirmed message must
+        # reach a running consumer, so consumers drain before they stop.
+        stuck = self.workload.stop(timeout=STALL_BOUND + 5, drain=0.0 if self.reconnect else DRAIN_BOUND)
         self.expect(not stuck, f"clients still blocked at the end: {stuck}")
         self._watch_stop.set()
         self._watcher.join()
@@ -354,11 +375,14 @@ class ChaosRun:
 
     def _check_messages(self) -> None:
         ledger, result = self.ledger, self.result
+        stranded: set[str] = set()  # confirmed, yet left in the queue after the consumers drained
         with self.direct() as ch:  # what the workload left in the queue
             while True:
                 method, _props, body = ch.basic_get(self.queue, auto_ack=True)
                 if method is None:
                     break
+                if body.decode() not in ledger.consumed:
+                    stranded.add(body.decode())
                 ledger.consume(body.decode())
         confirmed = {m for m, o in ledger.outcome.items() if o == "confirmed"}
         pending = [m for m, o in ledger.outcome.items() if o == "pending"]
@@ -369,7 +393,21 @@ class ChaosRun:
         result.consumed = len(confirmed & ledger.consumed)
         result.lost = len(lost)
         self.expect(result.confirmed > 0, "nothing was confirmed")
-        self.expect(not lost, f"{len(lost)} confirmed messages never consumed, e.g. {sorted(lost)[:5]}")
+        if lost:
+            # Where each lost id sits: when it was confirmed relative to the fault, and the
+            # outcome of its publisher's previous id (a confirm right before the loss points at
+            # the broker side, one after the recovery at the proxy's renumbering).
+            assert self.fault_at is not None
+            where = [
+                f"{m} confirmed at fault{ledger.confirmed_at.get(m, float('nan')) - self.fault_at:+.2f}s"
+                for m in sorted(lost)[:5]
+            ]
+            self.violation(f"{len(lost)} confirmed messages never consumed: {'; '.join(where)}")
+        stranded &= confirmed
+        if stranded and not self.reconnect:
+            # The consumers ran until the end and drained: a confirmed message they were never
+            # given (held unacked on a consumer's channel, or left behind a dropped delivery).
+            self.violation(f"{len(stranded)} confirmed messages reached no consumer, e.g. {sorted(stranded)[:5]}")
         self.expect(not pending, f"{len(pending)} publishes without an outcome the client saw: {pending[:5]}")
         # A failed publish is published again after reconnecting; only the last ones of a
         # stopping publisher may stay unconfirmed (one per publisher at most).

@@ -261,7 +261,7 @@ def test_broker_kill9_and_restart(chaos, own_broker):
     run.finish(client_errors=True)
 
 
-@pytest.mark.parametrize("fault", ["kill -9 and restart", "stop_app/start_app"])
+@pytest.mark.parametrize("fault", ["kill -9 and restart", "stop_app 5 s/start_app"])
 def test_broker_restart_is_invisible_to_clients_without_recovery(chaos, own_broker, fault):
     """--upstream-failure recover (#10): publishers with confirms and consumers with manual acks
     that have NO reconnect logic ride through a broker restart. No client may see an error; every
@@ -274,12 +274,58 @@ def test_broker_restart_is_invisible_to_clients_without_recovery(chaos, own_brok
             own_broker.restart()
         else:
             own_broker.stop_app()
-            time.sleep(4)
+            time.sleep(5)
             own_broker.start_app()
     # The only thing a client may see is basic.nack for publishes in flight at the loss (it
     # publishes them again); no connection or channel error. A publish waits for its channel's
     # recovery: the restart, not a hang, bounds it.
     run.finish(client_errors=False, stall_bound=RECOVERY_STALL_BOUND, tolerated=("nack",))
+
+
+# Blackholes at the proxy's defaults for liveness (heartbeat 5 s, silence timeout 8 s), in
+# recover mode with clients that have no recovery of their own.
+SILENCE = 8.0  # --upstream-silence-timeout default
+BLACKHOLE = ("--upstream-heartbeat", "5")
+# A client waits out the silence (found within SILENCE + 1 s tick), then the recovery: on a
+# healthy node at once, on the only node once it is reachable again.
+BLACKHOLE_STALL_BOUND = SILENCE + 1 + MARGIN
+
+
+@pytest.mark.parametrize("nodes", [1, 2], ids=["blackhole of the only node", "blackhole of one of two nodes"])
+def test_blackhole_recover_mode_clients_without_recovery(chaos, nodes):
+    """The timeout toxic (0: hold every byte, never close) on both streams of the publishers'
+    node for 12 s. The watchdog finds the silent upstreams a client waits on (publishers: confirms
+    due) within SILENCE + 1 s; idle ones (consumers) go by missed heartbeats (2 x 5 s). With two
+    nodes the channels are recovered on node 1 at once; with one, once the route is back (the
+    waiting dials probe it every 0.25 s). Clients see no error but basic.nack for the publishes
+    in flight at the loss; nothing confirmed is lost."""
+    label = "blackhole of the only node" if nodes == 1 else "blackhole of one of two nodes"
+    run = chaos(
+        f"{label}, recover mode, clients without recovery",
+        nodes=nodes,
+        upstream_failure="recover",
+        reconnect=False,
+        proxy_args=BLACKHOLE,
+    )
+    # The node under the publishers (round-robin may have put every connection on one node).
+    publishing = {c["node"] for c in run.probe.upstreams()["connections"] if c["role"] == "publish"}
+    route = next((r for r in run.routes if r.listen in publishing), run.routes[0])
+    with run.fault("timeout 0 both ways 12 s"):
+        started = time.monotonic()
+        route.add_toxic(type="timeout", attributes={"timeout": 0})
+        route.add_toxic(type="timeout", stream="upstream", attributes={"timeout": 0})
+        detected = run.detected(started, SILENCE + 1 + MARGIN)
+        time.sleep(max(0.0, started + 12 - time.monotonic()))
+        route.destroy_toxic("timeout_downstream")
+        route.destroy_toxic("timeout_upstream")
+    run.expect(detected is not None, "no silent upstream was found by the watchdog")
+    run.expect(
+        detected is None or detected <= SILENCE + 1 + MARGIN,
+        f"found after {detected} s (bound {SILENCE + 1} s + margin)",
+    )
+    # One node: a republish is held until the route is back (12 s), then a probe (0.25 s) gets in.
+    stall = BLACKHOLE_STALL_BOUND if nodes == 2 else 12 + 1 + MARGIN
+    run.finish(client_errors=False, stall_bound=stall, tolerated=("nack",))
 
 
 def test_hung_broker_is_detected_by_heartbeats(chaos, own_broker):

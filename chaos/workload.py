@@ -62,6 +62,7 @@ class Ledger:
         self.attempts = 0
         self.outcome: dict[str, str] = {}  # message id -> last outcome: pending/confirmed/nacked/failed
         self.confirm_times: list[float] = []
+        self.confirmed_at: dict[str, float] = {}  # message id -> when its (last) confirm arrived
         self.consumed: set[str] = set()
         self.errors: list[ClientError] = []
         self.busy: dict[str, tuple[str, float]] = {}  # client -> (op, since) while in a blocking call
@@ -99,7 +100,9 @@ class Ledger:
         with self.lock:
             self.outcome[message_id] = outcome
             if outcome == "confirmed":
-                self.confirm_times.append(time.monotonic())
+                now = time.monotonic()
+                self.confirm_times.append(now)
+                self.confirmed_at[message_id] = now
 
     def consume(self, message_id: str) -> None:
         with self.lock:
@@ -266,11 +269,37 @@ class Workload:
         for client in self.clients:
             client.start()
 
-    def stop(self, timeout: float) -> dict[str, str]:
-        """Stop every client; those still stuck after `timeout`, with where they are stuck."""
+    def stop(self, timeout: float, drain: float = 0.0) -> dict[str, str]:
+        """Stop every client; those still stuck after `timeout`, with where they are stuck.
+
+        `drain` > 0: publishers stop first, and consumers get up to `drain` s to consume every
+        confirmed message (they stop early once they have, or after 3 s without a delivery), so
+        that a confirmed message still in the queue afterwards is one no consumer was given."""
+        deadline = time.monotonic() + timeout
+        consumers = [c for c in self.clients if isinstance(c, Consumer)]
+        if drain > 0 and any(c.is_alive() for c in consumers):
+            for client in self.clients:
+                if not isinstance(client, Consumer):
+                    client.stop.set()
+            for client in self.clients:
+                if not isinstance(client, Consumer):
+                    client.join(max(0.0, deadline - time.monotonic()))
+            until = time.monotonic() + drain
+            last_count, last_change = -1, time.monotonic()
+            while time.monotonic() < until:
+                with self.ledger.lock:
+                    confirmed = {m for m, o in self.ledger.outcome.items() if o == "confirmed"}
+                    missing = len(confirmed - self.ledger.consumed)
+                    count = len(self.ledger.consumed)
+                if not missing:
+                    break
+                if count != last_count:
+                    last_count, last_change = count, time.monotonic()
+                elif time.monotonic() - last_change > 3.0:
+                    break
+                time.sleep(0.1)
         for client in self.clients:
             client.stop.set()
-        deadline = time.monotonic() + timeout
         for client in self.clients:
             client.join(max(0.0, deadline - time.monotonic()))
         frames = sys._current_frames()

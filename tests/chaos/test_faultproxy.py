@@ -266,6 +266,36 @@ def test_timeout_zero_drops_data_and_closes_only_when_removed(api, route):
         assert _read_until_closed(sock, timeout=5)[:2] == (b"", "eof")
 
 
+def test_timeout_zero_upstream_is_a_blackhole_that_holds_the_data(api, route):
+    """timeout 0 on both streams: nothing reaches the backend or comes back, the connection is
+    not closed, and the stream is held, not drained: a sender writing on fills its TCP window
+    (its socket stops taking data), as behind a dead route, where dropping the data would let
+    every write go through."""
+    proxy, address = route
+    with _connect(address) as sock:
+        _echo_time(sock)
+        proxy.add_toxic(type="timeout", attributes={"timeout": 0})
+        proxy.add_toxic(type="timeout", stream="upstream", attributes={"timeout": 0})
+        sock.sendall(b"held")
+        assert _read_until_closed(sock, timeout=1.0)[:2] == (b"", "timeout")
+        sock.setblocking(False)
+        taken, chunk = 0, b"h" * 65536
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                taken += sock.send(chunk)
+            except BlockingIOError:
+                break
+        else:
+            pytest.fail(f"the blackhole kept taking data: {taken} bytes in 10 s")
+        # The fault proxy's own buffer (256 KiB) plus both kernels' socket buffers, no more.
+        assert taken < 64 * 1024 * 1024, taken
+        sock.setblocking(True)
+        proxy.destroy_toxic("timeout_upstream")
+        proxy.destroy_toxic("timeout_downstream")
+        assert _read_until_closed(sock, timeout=5)[1] in ("eof", "reset")
+
+
 def test_slow_close_delays_the_close(api, route):
     proxy, address = route
     proxy.add_toxic(type="slow_close", attributes={"delay": 700})

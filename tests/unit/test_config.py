@@ -85,3 +85,10 @@ def test_cli_missing_config_file_exits_2(tmp_path):
     )
     assert result.returncode == 2
     assert "--config" in result.stderr or "config" in result.stderr.lower()
+
+
+def test_liveness_defaults():
+    defaults = parse_config([], env={})
+    assert (defaults.upstream_heartbeat, defaults.upstream_silence_timeout) == (5, 8.0)
+    assert defaults.breaker_probe_interval == 0.25
+    assert (defaults.upstream_keepalive, defaults.upstream_tcp_user_timeout) == (10.0, 0.0)

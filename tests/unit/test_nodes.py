@@ -144,3 +144,86 @@ def test_failures_and_recoveries_are_kept_for_the_status_page():
         ("recovery", "h1:5672", "the node answers again after 1 failed attempt", 1),
         ("failure", "h1:5672", "cannot connect to h1:5672: refused", 1),
     ]
+
+
+def test_a_waiting_request_probes_an_open_breaker_once_per_probe_interval():
+    """The open period keeps out new requests only: a waiting one probes at the probe interval,
+    one probe at a time, and the first probe after the node's return closes the breaker, long
+    before the open period would have ended."""
+    clock = Clock()
+    b, changes = breaker(clock, failures=2, open_time=5, probe_interval=0.25)
+    b.record_failure()
+    b.record_failure()
+    assert b.state == "open" and not b.allows_attempt()
+    assert b.allows_attempt(waiting=True)  # the first probe, at once
+    assert not b.allows_attempt(waiting=True)  # one at a time
+    b.record_failure()  # a failed probe of an open breaker leaves it as it is
+    assert b.state == "open" and b.open_until == 105.0
+    assert not b.allows_attempt(waiting=True)  # not before the probe interval
+    clock.now += 0.25
+    assert b.allows_attempt(waiting=True)
+    b.record_success()  # the node is back: 0.25 s into a 5 s open period
+    assert b.state == "closed" and b.allows_attempt() and b.allows_attempt(waiting=True)
+    assert changes == [("closed", "open"), ("open", "closed")]
+
+
+def test_probes_are_rate_limited_per_node_while_it_fails_even_when_closed():
+    """Before the breaker opens, waiting requests already share one probe per interval on a
+    node whose last attempt failed; new requests are not limited while it is closed."""
+    clock = Clock()
+    b, _ = breaker(clock, failures=5, probe_interval=0.5)
+    b.record_failure()
+    assert b.state == "closed" and b.allows_attempt()  # a new request
+    attempts = 0
+    for _ in range(40):  # 2 s of waiting requests polling every 50 ms
+        if b.allows_attempt(waiting=True):
+            attempts += 1
+            b.record_failure()
+        clock.now += 0.05
+    assert attempts == 4  # at most one per 0.5 s, whoever asks
+
+
+def test_an_abandoned_or_lost_probe_does_not_block_the_next():
+    clock = Clock()
+    b, _ = breaker(clock, failures=1, probe_interval=0.25, probe_timeout=10)
+    b.record_failure()
+    assert b.allows_attempt(waiting=True)
+    b.probe_abandoned()  # its caller went away: no verdict
+    clock.now += 0.25
+    assert b.allows_attempt(waiting=True)
+    clock.now += 9.9
+    assert not b.allows_attempt(waiting=True)  # still in flight
+    clock.now += 0.2
+    assert b.allows_attempt(waiting=True)  # never reported: expired
+
+
+def test_a_forced_trip_opens_at_once_within_the_cap():
+    clock = Clock()
+    b, _ = breaker(clock, failures=5)
+    b.record_failure(trip=True)
+    assert b.state == "open"
+    c, _ = breaker(clock, failures=5)
+    c.record_failure(may_open=False, trip=True)
+    assert c.state == "closed"
+
+
+def test_waiting_requests_go_to_healthy_nodes_first_and_probe_only_when_none_is_left():
+    clock = Clock()
+    nodes = [Node("a", 1, False), Node("b", 2, False)]
+    ns = NodeSet(
+        nodes,
+        "round-robin",
+        BreakerPolicy(failures=1, jitter=0.0, probe_interval=0.25),
+        100,
+        clock=clock,
+        rng=random.Random(1),
+    )
+    a, b = ns.states
+    ns.record_failure(a, "silent", trip=True)
+    assert a.breaker.state == "open"
+    for _ in range(4):  # whatever the round-robin turn: only the healthy node
+        assert [s.node.label for s in ns.candidates(waiting=True)] == ["b:2"]
+    ns.record_failure(b, "refused")  # now none is healthy: probes of both, rate-limited
+    assert sorted(s.node.label for s in ns.candidates(waiting=True)) == ["a:1", "b:2"]
+    assert ns.candidates(waiting=True) == []  # both probes in flight
+    assert ns.candidates() == []  # new requests: both open
