@@ -40,6 +40,16 @@ class Target:
     server: ProxyServer | Anchor | None = None
 
 
+def log_lines_since(path: Path, offset: int) -> list[str]:
+    """The lines of a server's log written after byte offset (none if it cannot be read)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            return f.read().decode(errors="replace").splitlines()
+    except OSError:
+        return []
+
+
 class _TreeMeasures:
     """CPU seconds and RSS of a server process and its descendants, while it runs (the class
     that mixes this in has `pid` and `alive`)."""
@@ -97,14 +107,8 @@ class ProxyServer(_TreeMeasures, ProxyProcess):
 
     def log_problems_since(self, offset: int) -> list[dict]:
         """WARNING-or-worse JSON log records written after byte offset."""
-        try:
-            with open(self.log_path, "rb") as f:
-                f.seek(offset)
-                lines = f.read().decode(errors="replace").splitlines()
-        except OSError:
-            return []
         out = []
-        for line in lines:
+        for line in log_lines_since(self.log_path, offset):
             if not line.startswith("{"):
                 if line.strip() and not line.startswith("#"):
                     out.append({"level": "RAW", "message": line})
@@ -228,14 +232,8 @@ class Anchor(_TreeMeasures):
 
     def log_problems_since(self, offset: int) -> list[dict]:
         """WARN-or-worse log lines after byte offset; lines of another shape (a crash) as RAW."""
-        try:
-            with open(self.log_path, "rb") as f:
-                f.seek(offset)
-                lines = f.read().decode(errors="replace").splitlines()
-        except OSError:
-            return []
         out = []
-        for line in lines:
+        for line in log_lines_since(self.log_path, offset):
             if not line.strip() or line.startswith("#"):
                 continue
             m = ANCHOR_LOG_LINE.match(line)

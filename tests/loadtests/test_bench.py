@@ -32,7 +32,7 @@ def _benchmark_package(name: str = "loadtests_benchmark"):
 
 _module = _benchmark_package()
 print_table, summarize = _module("report").print_table, _module("report").summarize
-run_one = _module("runner").run_one
+run_one, note_proxy_log = _module("runner").run_one, _module("runner").note_proxy_log
 Admin, Anchor, ProxyServer, Target = (
     getattr(_module("targets"), n) for n in ("Admin", "Anchor", "ProxyServer", "Target")
 )
@@ -99,6 +99,23 @@ def test_the_anchor_log_problems_are_its_warnings_and_lines_of_another_shape(tmp
         {"level": "RAW", "message": "Unhandled exception: Index out of bounds (IndexError)"},
     ]
     assert anchor.log_problems_since(log.stat().st_size) == []
+
+
+def test_our_proxy_losing_an_upstream_is_a_failed_check_and_stray_lines_are_shown(tmp_path):
+    log = tmp_path / "proxy.log"
+    log.write_text(
+        "# python -m amqproxy --listen 127.0.0.1:5673\n"
+        '{"level": "INFO", "message": "client open", "event": "client_open"}\n'
+        '{"level": "WARNING", "message": "upstream lost", "event": "upstream_lost", "cause": "reset"}\n'
+        "Traceback (most recent call last):\n"
+    )
+    rec = {"checks_failed": []}
+    note_proxy_log(rec, ProxyServer(UPSTREAM_URL, [], log).log_problems_since(0))
+    assert rec["checks_failed"] == ["proxy lost 1 upstream connection(s): reset"]
+    assert rec["proxy_log_problems"] == [
+        "WARNING upstream lost (event=upstream_lost, cause=reset)",
+        "RAW Traceback (most recent call last):",
+    ]
 
 
 def _churn_and_idle(target: Target) -> tuple[dict, dict]:
