@@ -11,11 +11,11 @@ What it does:
 
 1. Reads ``SCENARIO`` (a literal dict) from ``loadtests/scenarios/<name>.py`` without
    importing Locust.
-2. Unless ``--host`` is given, starts its own amqproxy subprocess (``loadtests.bench.Proxy``:
-   free ports, ``--log-level warning``) with the scenario's ``proxy_args`` plus any
-   ``--proxy-arg``. A scenario with ``toxiproxy: true`` gets its upstream through a Toxiproxy
-   proxy to the broker: ``TOXIPROXY_URL`` when set, else the project's fault proxy
-   (``python -m chaos.faultproxy``) started here.
+2. Unless ``--host`` is given, starts its own amqproxy subprocess (``ProxyServer`` of
+   ``loadtests/benchmark/targets.py``: free ports, ``--log-level warning``) with the scenario's
+   ``proxy_args`` plus any ``--proxy-arg``. A scenario with ``toxiproxy: true`` gets its
+   upstream through a Toxiproxy proxy to the broker: ``TOXIPROXY_URL`` when set, else the
+   project's fault proxy (``python -m chaos.faultproxy``) started here.
 3. Runs ``locust --headless -f loadtests/scenarios/<name>.py --csv ... --csv-full-history
    --html ...`` (``--processes K`` forwarded), with the users' settings in the environment.
 4. Reads ``<prefix>_stats.csv`` (and the per-second ``_stats_history.csv`` for fault
@@ -48,7 +48,6 @@ import csv
 import json
 import os
 import re
-import resource
 import signal
 import subprocess
 import sys
@@ -61,7 +60,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from loadtests.bench import Proxy, free_port, proc_cpu_seconds, proc_tree  # noqa: E402
+from loadtests.benchmark.system import proc_cpu_seconds, proc_tree, raise_nofile  # noqa: E402
+from loadtests.benchmark.targets import ProxyServer  # noqa: E402
+from tests.support.ports import free_port  # noqa: E402
 
 SCENARIO_DIR = REPO_ROOT / "loadtests" / "scenarios"
 RESULTS_DIR = REPO_ROOT / "loadtests" / "results"
@@ -104,13 +105,6 @@ def proxy_help() -> str:
         [sys.executable, "-m", "amqproxy", "--help"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=30
     )
     return out.stdout + out.stderr
-
-
-def raise_nofile() -> None:
-    """Children (proxy, Locust) inherit the hard limit as their soft limit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 # --------------------------------------------------------------------------
@@ -382,7 +376,7 @@ def main(argv=None) -> int:
     prefix = out / "locust"
     raise_nofile()
 
-    proxy: Proxy | None = None
+    proxy: ProxyServer | None = None
     toxi: ToxiproxySetup | None = None
     extra: dict = {}
     env = dict(os.environ)  # LOADTEST_* set by the caller override the scenario's defaults
@@ -408,8 +402,8 @@ def main(argv=None) -> int:
                 upstream = f"amqp://{toxi.listen}"
             fmt = {"users": users, "half_users": max(1, users // 2)}
             proxy_args = [a.format(**fmt) for a in sc.get("proxy_args", [])] + args.proxy_arg
-            proxy = Proxy(upstream, proxy_args, out / "amqproxy.log")
-            proxy.start()
+            proxy = ProxyServer(upstream, proxy_args, out / "amqproxy.log")
+            proxy.up()
             host = f"amqp://guest:guest@127.0.0.1:{proxy.port}/"
         elif sc.get("toxiproxy"):
             if not (os.environ.get("TOXIPROXY_URL") and os.environ.get("LOADTEST_TOXI_PROXY")):

@@ -24,7 +24,18 @@ class ProxyStartError(RuntimeError):
 class ProxyProcess:
     """An amqproxy subprocess with its own ports and log file."""
 
-    def __init__(self, log_path: Path, extra_args=(), upstream: str | None = UPSTREAM_URL):
+    def __init__(
+        self,
+        log_path: Path,
+        extra_args=(),
+        upstream: str | None = UPSTREAM_URL,
+        *,
+        root: Path = REPO_ROOT,
+        log_level: str = "info",
+    ):
+        # root: the checkout whose amqproxy runs (a benchmark compares another commit's in one run)
+        self.root = Path(root)
+        self.log_level = log_level
         self.host = "127.0.0.1"
         self.port = free_port()
         self.http_port = free_port()
@@ -53,7 +64,7 @@ class ProxyProcess:
             "--log-format",
             "json",
             "--log-level",
-            "info",
+            self.log_level,
             *self.extra_args,
         ]
 
@@ -73,14 +84,14 @@ class ProxyProcess:
         # Only the explicit flags configure the proxy: drop AMQPROXY_* settings
         # from the environment (the test suite's own AMQPROXY_TEST_* included).
         env = {k: v for k, v in os.environ.items() if not k.startswith("AMQPROXY_")}
-        env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+        env["PYTHONPATH"] = os.pathsep.join([str(self.root)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
         env["PYTHONUNBUFFERED"] = "1"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log_file = open(self.log_path, "ab", buffering=0)
         self._log_file.write(("# " + " ".join(self.cmd) + "\n").encode())
         self.proc = subprocess.Popen(
             self.cmd,
-            cwd=str(REPO_ROOT),
+            cwd=str(self.root),
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=self._log_file,
