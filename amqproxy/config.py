@@ -82,7 +82,7 @@ class Config:
     max_upstreams: int = 0
     min_idle_upstreams: int = 0
     upstream_max_age: float = 0.0
-    upstream_check_interval: float = 0.0
+    upstream_check_interval: float = 10.0
     backoff_initial: float = 0.1
     backoff_max: float = 5.0
     backoff_multiplier: float = 2.0
@@ -511,9 +511,11 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "upstream_check_interval",
         _non_negative_float,
-        "0",
+        "10",
         "a pooled connection silent for longer than this must answer a new channel's channel.open (a round "
-        "trip) before the client's method goes out; 0 = always; higher values pipeline channel.open",
+        "trip) before the client's method goes out; one heard from within it (heartbeats come every few "
+        "seconds) gets channel.open pipelined with the method, covered by --upstream-silence-timeout; 0 = always "
+        "a round trip",
         "SECONDS",
     ),
     Option("backoff_initial", _positive_float, "0.1", "first reconnect delay (seconds, with jitter)", "SECONDS"),
