@@ -37,7 +37,7 @@ import secrets
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import gevent
 
@@ -48,12 +48,19 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-if TYPE_CHECKING:
-    from .config import Config
 
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 16384, 8, 1
 PBKDF2_ITERATIONS = 600_000
 _SCRYPT_MAXMEM = 256 * 1024 * 1024
+
+
+class AuthSettings(Protocol):
+    """The settings `load` reads and fills in (config.Config has them)."""
+
+    auth_file: str
+    auth: ProxyAuth | None
+    admin_token: str
+    admin_token_file: str
 
 
 class AuthFileError(ValueError):
@@ -251,7 +258,7 @@ def read_secret_file(path: str, flag: str) -> str:
     return value[:-1] if value.endswith("\n") else value
 
 
-def load(config: Config, env: Mapping[str, str]) -> list[str]:
+def load(config: AuthSettings, env: Mapping[str, str]) -> list[str]:
     """Load --auth-file and --admin-token-file into `config`; returns the problems."""
     problems = []
     if config.auth_file:

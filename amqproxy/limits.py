@@ -15,13 +15,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from .protocol import constants as c
 from .protocol.errors import reply_text
-
-if TYPE_CHECKING:
-    from .config import Config
 
 # Limit names: the option names (metric label `limit`; `--limits-alarm-only` takes them with
 # dashes or underscores).
@@ -148,17 +145,40 @@ def _rate(rate: float) -> str:
     return f"{rate:g}/s"
 
 
+class LimitSettings(Protocol):
+    """The settings the limits are configured from (config.Config has them)."""
+
+    @property
+    def max_connections(self) -> int: ...
+    @property
+    def max_connections_per_ip(self) -> int: ...
+    @property
+    def max_connections_per_user(self) -> int: ...
+    @property
+    def max_connections_per_vhost(self) -> int: ...
+    @property
+    def connection_rate_per_ip(self) -> float: ...
+    @property
+    def connection_rate_per_user(self) -> float: ...
+    @property
+    def client_byte_rate(self) -> int: ...
+    @property
+    def limit_refusal_delay(self) -> float: ...
+    @property
+    def limits_alarm_only(self) -> list[str]: ...
+
+
 class Limits:
     """The limit checks of new client connections, configured from `Config` (reloadable)."""
 
-    def __init__(self, config: Config, counters: ConnectionCounters | None = None) -> None:
+    def __init__(self, config: LimitSettings, counters: ConnectionCounters | None = None) -> None:
         self.counters = counters if counters is not None else ConnectionCounters()
         self._ip_buckets: dict[str, TokenBucket] = {}
         self._user_buckets: dict[str, TokenBucket] = {}
         self._pruned_at = 0.0
         self.configure(config)
 
-    def configure(self, config: Config) -> None:
+    def configure(self, config: LimitSettings) -> None:
         """Apply (new) settings. Held slots stay counted; a lowered limit refuses new clients only."""
         self.max_connections = config.max_connections
         self.max_per_ip = config.max_connections_per_ip

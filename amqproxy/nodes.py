@@ -13,10 +13,26 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .config import Node
 from .recent import FAILURE, RECOVERY, RecentEvents
 
 log = logging.getLogger("amqproxy.nodes")
+
+
+@dataclass(frozen=True)
+class Node:
+    """A broker node to dial. Credentials in the URL are ignored: clients' own are used upstream."""
+
+    host: str
+    port: int
+    tls: bool
+    # PROXY protocol header sent first on every connection to this node ("", "v1", "v2"):
+    # needed when the broker's listener has proxy_protocol = true.
+    proxy_protocol: str = ""
+
+    @property
+    def label(self) -> str:
+        return f"{self.host}:{self.port}"
+
 
 CLOSED = "closed"
 OPEN = "open"

@@ -36,8 +36,9 @@ from .upstream import Upstream, UpstreamError, UpstreamState
 
 if TYPE_CHECKING:
     from .channel import Link
-    from .config import Config, Node
+    from .config import Config
     from .metrics import Metrics
+    from .nodes import Node
 
 log = logging.getLogger("amqproxy.pool")
 

@@ -24,10 +24,11 @@ from . import __version__, tls
 from .access import AddressFilter
 from .admin import AdminServer
 from .client import ClientSession
-from .config import OPTIONS, Config, ConfigError, parse_config, restart_only_changes
+from .config import Config, ConfigError, parse_config, restart_only_changes
 from .limits import Limits
 from .logsetup import setup_logging
 from .metrics import RELOADS, Metrics, MultiprocessBridge, multiprocess_enabled
+from .options import OPTIONS
 from .pool import Pool
 from .protocol import constants as c
 from .protocol import proxyproto

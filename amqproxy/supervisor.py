@@ -39,7 +39,8 @@ from gevent.event import Event
 from gevent.pywsgi import WSGIServer
 
 from . import __version__, statuspage
-from .config import OPTIONS, Config, ConfigError, parse_config
+from .config import Config, ConfigError, parse_config
+from .options import OPTIONS
 from .recent import EVENTS_KEPT
 
 log = logging.getLogger("amqproxy.supervisor")

@@ -22,7 +22,7 @@ import socket
 import ssl
 import stat
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import gevent
 from gevent import ssl as gssl
@@ -31,7 +31,9 @@ from gevent.socket import timeout_default
 from .protocol import proxyproto
 
 if TYPE_CHECKING:
-    from .config import Config, Node
+    import ipaddress
+
+    from .nodes import Node
 
 log = logging.getLogger("amqproxy.tls")
 
@@ -49,6 +51,29 @@ _DN_NAMES = {
     "domainComponent": "DC",
     "userId": "UID",
 }
+
+
+class TLSSettings(Protocol):
+    """The settings TLS is built from (config.Config has them all); `load` sets the contexts."""
+
+    tls_listen: tuple[str, int] | None
+    tls_cert: str
+    tls_key: str
+    tls_ca: str
+    tls_verify_client: str
+    tls_min_version: str
+    tls_ciphers: str
+    upstream: list[Node]
+    upstream_tls_ca: str
+    upstream_tls_cert: str
+    upstream_tls_key: str
+    upstream_tls_verify_hostname: bool
+    upstream_tls_server_name: str
+    accept_proxy_protocol: bool
+    proxy_protocol_from: list[ipaddress.IPv4Network | ipaddress.IPv6Network]
+    handshake_timeout: float
+    tls_server: ssl.SSLContext | None
+    tls_upstream: ssl.SSLContext | None
 
 
 class TLSConfigError(ValueError):
@@ -96,7 +121,7 @@ def check_private_file(path: str, flag: str) -> None:
         raise TLSConfigError(f"{flag}: {path} is readable by everyone (mode {stat.S_IMODE(mode):o}); chmod o-r it")
 
 
-def server_context(config: Config) -> ssl.SSLContext:
+def server_context(config: TLSSettings) -> ssl.SSLContext:
     """The context of the client TLS listener (--tls-*)."""
     if not config.tls_cert or not config.tls_key:
         raise TLSConfigError("--tls-cert: --tls-listen needs --tls-cert and --tls-key")
@@ -120,7 +145,7 @@ def server_context(config: Config) -> ssl.SSLContext:
     return ctx
 
 
-def upstream_context(config: Config) -> ssl.SSLContext:
+def upstream_context(config: TLSSettings) -> ssl.SSLContext:
     """The context of amqps:// upstream connections (--upstream-tls-*): verifies the broker's
     certificate (system CAs unless --upstream-tls-ca) and, by default, its host name."""
     ctx = _Context(ssl.PROTOCOL_TLS_CLIENT)
@@ -156,7 +181,7 @@ def _load_ca(ctx: ssl.SSLContext, path: str, flag: str) -> None:
         raise TLSConfigError(f"{flag}: cannot load CA certificates from {path}: {exc}") from None
 
 
-def load(config: Config) -> list[str]:
+def load(config: TLSSettings) -> list[str]:
     """Build the contexts the configuration asks for into `config`; returns the problems."""
     problems = []
     if config.tls_listen is not None:
@@ -185,7 +210,7 @@ class _Timeout(Exception):
 
 
 def accept(
-    sock: socket.socket, address: tuple[Any, ...], config: Config, ctx: ssl.SSLContext
+    sock: socket.socket, address: tuple[Any, ...], config: TLSSettings, ctx: ssl.SSLContext
 ) -> tuple[ssl.SSLSocket, PeerInfo, tuple[str, int] | None]:
     """The TLS listener's side of a new client, within --handshake-timeout: a PROXY header first
     when --accept-proxy-protocol trusts the source (it precedes the TLS bytes), then the TLS
@@ -261,7 +286,7 @@ def describe(exc: BaseException) -> str:
     return str(exc) or exc.__class__.__name__
 
 
-def wrap_upstream(sock: socket.socket, node: Node, config: Config) -> socket.socket:
+def wrap_upstream(sock: socket.socket, node: Node, config: TLSSettings) -> socket.socket:
     """TLS to an amqps:// node (after anything sent in the clear, such as a PROXY header).
     SNI and host name verification use --upstream-tls-server-name, else the node's host."""
     if not node.tls:

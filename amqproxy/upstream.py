@@ -45,10 +45,10 @@ from .protocol.rules import Role
 from .recovery import BASIC_QOS_OK, REPLY_METHODS, culprit, delivery_tag_position, shift_tag
 
 if TYPE_CHECKING:
-    from .config import Config, Node
+    from .config import Config
     from .exclusive import ExclusiveQueues
     from .metrics import Metrics
-    from .nodes import NodeSet
+    from .nodes import Node, NodeSet
 
 log = logging.getLogger("amqproxy.upstream")
 

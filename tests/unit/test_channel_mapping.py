@@ -3,9 +3,9 @@
 from types import SimpleNamespace
 
 from amqproxy.channel import Link
-from amqproxy.config import Config, Node
+from amqproxy.config import Config
 from amqproxy.exclusive import ExclusiveQueues
-from amqproxy.nodes import BreakerPolicy, NodeSet
+from amqproxy.nodes import BreakerPolicy, Node, NodeSet
 from amqproxy.protocol import constants as c
 from amqproxy.protocol.closing import CloseEvent
 from amqproxy.protocol.codec import decode_method, encode_method

@@ -5,7 +5,9 @@ import sys
 
 import pytest
 
-from amqproxy.config import OPTIONS, ConfigError, Node, parse_config
+from amqproxy.config import ConfigError, parse_config
+from amqproxy.nodes import Node
+from amqproxy.options import OPTIONS
 
 
 def test_defaults():
@@ -92,3 +94,18 @@ def test_liveness_defaults():
     assert (defaults.upstream_heartbeat, defaults.upstream_silence_timeout) == (5, 8.0)
     assert defaults.breaker_probe_interval == 0.25
     assert (defaults.upstream_keepalive, defaults.upstream_tcp_user_timeout) == (10.0, 0.0)
+
+
+def test_defaults_are_written_once_in_the_options_table():
+    from amqproxy.config import Config, option_defaults
+
+    settings = {name for name in Config.__annotations__} - {"tls_server", "tls_upstream", "auth", "sources"}
+    assert settings == {option.name for option in OPTIONS}, "every option is a Config setting and vice versa"
+    parsed, built = parse_config([], env={}), Config()
+    for option in OPTIONS:
+        assert getattr(built, option.name) == getattr(parsed, option.name) == option_defaults()[option.name], (
+            option.name
+        )
+    built.allow_cidr.append("10.0.0.0/8")
+    assert Config().allow_cidr == [], "each Config has its own lists"
+    assert Config(idle_timeout=5).idle_timeout == 5

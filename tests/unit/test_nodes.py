@@ -2,8 +2,7 @@
 
 import random
 
-from amqproxy.config import Node
-from amqproxy.nodes import BackoffPolicy, BreakerPolicy, CircuitBreaker, NodeSet
+from amqproxy.nodes import BackoffPolicy, BreakerPolicy, CircuitBreaker, Node, NodeSet
 
 
 class Clock:
