@@ -395,8 +395,21 @@ def test_new_client_is_not_left_hanging_on_a_stale_pooled_upstream(own_broker, p
     within --connect-timeout + margin -- refused, or closed with 320 at its first channel
     operation -- and not sit on the hung upstream until missed heartbeats (2 x 30 s by default)
     end it: client libraries rarely bound a channel RPC (pika's BlockingChannel does not), so
-    the client's own connect timeout, which would have protected it directly, never fires."""
-    proc = proxy_factory("--upstream", own_broker.upstream_url, "--connect-timeout", str(CONNECT_TIMEOUT), *BREAKER)
+    the client's own connect timeout, which would have protected it directly, never fires.
+
+    With --upstream-check-interval 0 every new channel's channel.open is a round trip first, so
+    the hung node is found at the client's first channel operation. (By default a connection
+    heard from within 10 s pipelines it, and the silence watchdog ends the hung connection
+    within --upstream-silence-timeout instead: test_silence.)"""
+    proc = proxy_factory(
+        "--upstream",
+        own_broker.upstream_url,
+        "--connect-timeout",
+        str(CONNECT_TIMEOUT),
+        "--upstream-check-interval",
+        "0",
+        *BREAKER,
+    )
     target = proc.target()
     _roundtrip(target)  # leaves an idle pooled upstream connection
     budget = CONNECT_TIMEOUT + REFUSAL_MARGIN
