@@ -47,6 +47,6 @@ def test_a_scenario_with_violations_fails_in_the_summary():
     bad = ScenarioResult("lossy", ["reset_peer"], published=10, confirmed=10, consumed=9, lost=1)
     bad.violations.append("1 confirmed messages never consumed")
     table = render([ok, bad])
-    assert "| quiet | none | 10 | 10 | 10 | 0 | 0 | 0.0 | 0.5 |" in table
+    assert "| quiet | none | 10 | 10 | 10 | 0 | 0 | - | 0.0 | 0.5 |" in table  # no detection: no silence
     assert table.splitlines()[3].endswith("| FAIL |") and table.splitlines()[2].endswith("| PASS |")
     assert "- lossy: 1 confirmed messages never consumed" in table
