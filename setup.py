@@ -1,6 +1,47 @@
-"""Packaging for amqproxy: `pip install .` gives the `amqproxy` console script."""
+"""Packaging for amqproxy: `pip install .` gives the `amqproxy` console script.
+
+The modules of the data path (amqproxy/accel.py's COMPILED) are compiled with Cython when it is
+there (pyproject.toml lists it for the build; `python setup.py build_ext --inplace` compiles them
+beside their sources). The .py files stay the reference and the fallback:
+AMQPROXY_NO_COMPILE=1 skips the compilation, AMQPROXY_PURE_PYTHON=1 ignores compiled modules
+at run time.
+"""
+
+import os
 
 from setuptools import find_packages, setup
+
+# Kept in step with amqproxy/accel.py (a unit test compares them).
+COMPILED = [
+    "amqproxy/protocol/codec.py",
+    "amqproxy/protocol/frames.py",
+    "amqproxy/protocol/content.py",
+    "amqproxy/protocol/rules.py",
+    "amqproxy/protocol/closing.py",
+    "amqproxy/protocol/connection.py",
+    "amqproxy/protocol/handshake.py",
+    "amqproxy/protocol/errors.py",
+    "amqproxy/channel.py",
+    "amqproxy/outbox.py",
+    "amqproxy/inbox.py",
+    "amqproxy/client.py",
+    "amqproxy/client_channels.py",
+    "amqproxy/client_handshake.py",
+    "amqproxy/upstream.py",
+    "amqproxy/recovery.py",
+]
+
+
+def compiled_modules():
+    if os.environ.get("AMQPROXY_NO_COMPILE"):
+        return []
+    try:
+        from Cython.Build import cythonize
+    except ImportError:  # no Cython: the pure-Python package, same behaviour
+        return []
+    # annotation_typing off: type hints stay hints, the compiled code behaves as the source does.
+    directives = {"language_level": 3, "annotation_typing": False, "binding": True}
+    return cythonize(COMPILED, compiler_directives=directives, quiet=True)
 
 setup(
     name="amqproxy",
@@ -36,7 +77,9 @@ setup(
             "selenium>=4.20",
             "kubernetes-validate>=1.28",  # deploy/kubernetes/ validated offline (bundled schemas)
             "PyYAML>=6",
+            "Cython>=3.0",  # tox compiles the data path in place (the integration tests run it)
         ],
     },
+    ext_modules=compiled_modules(),
     entry_points={"console_scripts": ["amqproxy=amqproxy.cli:main"]},
 )

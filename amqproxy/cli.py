@@ -29,6 +29,12 @@ def check_config(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["--version"]:
+        from . import __version__
+        from .accel import implementation
+
+        print(f"amqproxy {__version__} ({implementation()} data path)")
+        return 0
     if args[:1] == ["check-config"]:
         return check_config(args[1:])
     if args[:1] == ["hash-password"]:  # an --auth-file entry; see amqproxy/auth.py

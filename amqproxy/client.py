@@ -154,7 +154,8 @@ class ClientSession(ClientChannels, HandshakeDriver):
                 if exc.timed_out:
                     self.metrics.client_refused("handshake_timeout")
                 return
-            log.info("client connected", extra=self.log_extra("client_open"))
+            if log.isEnabledFor(logging.INFO):  # the fields are not even built otherwise
+                log.info("client connected", extra=self.log_extra("client_open"))
             self._forward_loop()
         except ProtocolError as exc:
             self._protocol_failure(exc)
@@ -261,8 +262,9 @@ class ClientSession(ClientChannels, HandshakeDriver):
         self._on_end(self)
         if self.vhost is not None:
             self.metrics.client_closed(self.vhost, self.username, self.close_kind)
-            self._audit()
-        if self.credentials is not None:
+            if audit_log.isEnabledFor(logging.INFO):
+                self._audit()
+        if self.credentials is not None and log.isEnabledFor(logging.INFO):
             log.info(
                 "client disconnected",
                 extra=self.log_extra(

@@ -202,10 +202,11 @@ class ClientChannels:
             self.upstream_unblocked(old)
         link.unplace()
         self.metrics.channel_moved(self.vhost)
-        log.debug(
-            "channel moved to a publishing connection",
-            extra=self.log_extra("channel_moved", channel=link.client_channel, upstream_id=old.id),
-        )
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "channel moved to a publishing connection",
+                extra=self.log_extra("channel_moved", channel=link.client_channel, upstream_id=old.id),
+            )
         return self._place(link, c.BASIC_PUBLISH)  # False: the client left meanwhile
 
     def _on_control_method(self, link: Link, method: tuple[int, int], payload: memoryview) -> bool:

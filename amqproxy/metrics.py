@@ -25,6 +25,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoM
 from prometheus_client.registry import Collector
 
 from . import __version__
+from .accel import implementation
 from .recent import FAILURE, RECOVERY, RecentEvents
 
 # Buckets from 10 microseconds to 10 seconds: the proxy's own latency lives at the low end.
@@ -41,7 +42,12 @@ UPSTREAM_TO_CLIENT = "upstream_to_client"
 FRAMES = {CLIENT_TO_UPSTREAM: [0] * 9, UPSTREAM_TO_CLIENT: [0] * 9}
 BYTES = {CLIENT_TO_UPSTREAM: [0] * 9, UPSTREAM_TO_CLIENT: [0] * 9}
 
-BUILD_LABELS = {"version": __version__, "python": platform.python_version(), "gevent": gevent.__version__}
+BUILD_LABELS = {
+    "version": __version__,
+    "python": platform.python_version(),
+    "gevent": gevent.__version__,
+    "implementation": implementation(),  # cython: the compiled data path; python: its sources
+}
 BUILD_INFO = Info("amqproxy_build", "amqproxy version and build")
 BUILD_INFO.info(BUILD_LABELS)
 
@@ -171,6 +177,9 @@ RECOVERY_EVENTS = {
 }
 
 
+_CHILDREN_CACHED = 1024  # (vhost, user) pairs whose metric children are kept at hand
+
+
 class LiveSource(Protocol):
     """What the live-state gauges read from the proxy at scrape time, as plain values."""
 
@@ -190,11 +199,13 @@ class Metrics:
 
     def __init__(self, source: LiveSource) -> None:
         REGISTRY.register(LiveStateCollector(source))
+        self._children: dict[tuple[str, str], tuple[Any, Any, Any, Any]] = {}
         self.recent = RecentEvents()
 
     def client_opened(self, vhost: str, user: str, handshake_seconds: float) -> None:
-        CLIENTS_OPENED.labels(vhost, user).inc()
-        HANDSHAKE_DURATION.labels(vhost).observe(handshake_seconds)
+        opened, handshake, _channels_opened, _channels_closed = self._of(vhost, user)
+        opened.inc()
+        handshake.observe(handshake_seconds)
 
     def client_closed(self, vhost: str, user: str, kind: str) -> None:
         CLIENTS_CLOSED.labels(vhost, user, kind).inc()
@@ -203,10 +214,26 @@ class Metrics:
         CLIENTS_REFUSED.labels(reason).inc()
 
     def channel_opened(self, vhost: str | None, user: str) -> None:
-        CHANNELS_OPENED.labels(vhost or "", user).inc()
+        self._of(vhost or "", user)[2].inc()
 
     def channel_closed(self, vhost: str | None, user: str) -> None:
-        CHANNELS_CLOSED.labels(vhost or "", user).inc()
+        self._of(vhost or "", user)[3].inc()
+
+    def _of(self, vhost: str, user: str) -> tuple[Any, Any, Any, Any]:
+        """The metric children of one (vhost, user), looked up once: every short-lived client
+        counts in all four."""
+        key = (vhost, user)
+        children = self._children.get(key)
+        if children is None:
+            if len(self._children) >= _CHILDREN_CACHED:
+                self._children.clear()  # bounded: as many credential sets as clients churn through
+            children = self._children[key] = (
+                CLIENTS_OPENED.labels(vhost, user),
+                HANDSHAKE_DURATION.labels(vhost),
+                CHANNELS_OPENED.labels(vhost, user),
+                CHANNELS_CLOSED.labels(vhost, user),
+            )
+        return children
 
     def channel_moved(self, vhost: str | None) -> None:
         CHANNELS_MOVED.labels(vhost or "").inc()

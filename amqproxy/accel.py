@@ -1,0 +1,86 @@
+"""Which implementation of the data path runs: the Cython-compiled modules or their Python sources.
+
+setup.py compiles the modules in `COMPILED` with Cython when it can (`pip install .`,
+`python setup.py build_ext --inplace`); the .py files stay the reference implementation and the
+fallback, and the same tests run against both. A compiled module, when present and built from
+the source as it is now, is imported instead of it; AMQPROXY_PURE_PYTHON=1 makes every amqproxy
+module load from its .py (`install_source_finder`, called by the package before any submodule
+is imported).
+"""
+
+from __future__ import annotations
+
+import importlib.machinery
+import importlib.util
+import os
+import sys
+from collections.abc import Sequence
+from types import ModuleType
+
+# The sans-IO protocol core, the two forwarding loops and what they call per frame or message.
+COMPILED = (
+    "amqproxy.protocol.codec",
+    "amqproxy.protocol.frames",
+    "amqproxy.protocol.content",
+    "amqproxy.protocol.rules",
+    "amqproxy.protocol.closing",
+    "amqproxy.protocol.connection",
+    "amqproxy.protocol.handshake",
+    "amqproxy.protocol.errors",
+    "amqproxy.channel",
+    "amqproxy.outbox",
+    "amqproxy.inbox",
+    "amqproxy.client",
+    "amqproxy.client_channels",
+    "amqproxy.client_handshake",
+    "amqproxy.upstream",
+    "amqproxy.recovery",
+)
+
+PURE_ENV = "AMQPROXY_PURE_PYTHON"
+
+
+class _SourceFinder:
+    """Loads an amqproxy module from its .py source when AMQPROXY_PURE_PYTHON is set, or when its
+    compiled extension is older than the source (edited since the last build: the extension
+    would run old code); otherwise the usual import system finds the extension first."""
+
+    def __init__(self, pure: bool) -> None:
+        self.pure = pure
+
+    def find_spec(
+        self, name: str, path: Sequence[str] | None, target: ModuleType | None = None
+    ) -> importlib.machinery.ModuleSpec | None:
+        if not name.startswith("amqproxy.") or not path:
+            return None
+        tail = name.rpartition(".")[2]
+        for directory in path:
+            source = os.path.join(directory, tail + ".py")
+            if not os.path.exists(source):
+                continue
+            if not self.pure and not _stale_extensions(directory, tail, os.path.getmtime(source)):
+                return None
+            loader = importlib.machinery.SourceFileLoader(name, source)
+            return importlib.util.spec_from_file_location(name, source, loader=loader)
+        return None
+
+
+def _stale_extensions(directory: str, tail: str, source_mtime: float) -> bool:
+    """An extension of this module exists beside the source, and it is older than the source."""
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        extension = os.path.join(directory, tail + suffix)
+        if os.path.exists(extension):
+            return os.path.getmtime(extension) < source_mtime
+    return False
+
+
+def install_source_finder() -> None:
+    if not any(isinstance(f, _SourceFinder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _SourceFinder(bool(os.environ.get(PURE_ENV))))
+
+
+def implementation() -> str:
+    """'cython' when the compiled modules are the ones loaded, else 'python'."""
+    from .protocol import content  # a compiled module, imported by every forwarding loop
+
+    return "python" if (content.__file__ or "").endswith(".py") else "cython"
