@@ -23,7 +23,6 @@ COMPILED = [
     "amqproxy/protocol/errors.py",
     "amqproxy/channel.py",
     "amqproxy/outbox.py",
-    "amqproxy/inbox.py",
     "amqproxy/client.py",
     "amqproxy/client_channels.py",
     "amqproxy/client_handshake.py",

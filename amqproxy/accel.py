@@ -29,7 +29,6 @@ COMPILED = (
     "amqproxy.protocol.errors",
     "amqproxy.channel",
     "amqproxy.outbox",
-    "amqproxy.inbox",
     "amqproxy.client",
     "amqproxy.client_channels",
     "amqproxy.client_handshake",

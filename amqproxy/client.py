@@ -26,7 +26,6 @@ import gevent
 from .admission import Admission
 from .client_channels import ClientChannels
 from .client_handshake import HandshakeDriver, Refused, SessionHost
-from .inbox import receive
 from .limits import CLIENT_BYTE_RATE, TokenBucket
 from .metrics import BYTES, CLIENT_TO_UPSTREAM, FORWARD_LATENCY_U2C, FRAMES
 from .outbox import Outbox
@@ -52,6 +51,7 @@ log = logging.getLogger("amqproxy.client")
 audit_log = logging.getLogger("amqproxy.audit")
 
 _METHOD_ID = struct.Struct(">HH")
+_RECV_SIZE = 256 * 1024
 _ACKS = frozenset({c.BASIC_ACK, c.BASIC_NACK, c.BASIC_REJECT})
 _CLOSE_OK_WAIT = 3.0  # how long a client gets to answer our Connection.Close
 # A client whose outbox stays above --client-buffer for --slow-client-grace is disconnected; one
@@ -353,14 +353,15 @@ class ClientSession(ClientChannels, HandshakeDriver):
                 handshake_leftover = False
                 self._received_at = time.monotonic()
             else:
-                count = receive(sock, reader)
-                if not count:
+                data = sock.recv(_RECV_SIZE)
+                if not data:
                     self.close_reason = self.close_reason or "client closed the socket"
                     return
                 self.last_recv = self._received_at = time.monotonic()
-                self.bytes_in += count
+                self.bytes_in += len(data)
                 if self._byte_bucket is not None:
-                    self._pace(count)  # --client-byte-rate: wait before this read goes on
+                    self._pace(len(data))  # --client-byte-rate: wait before this read goes on
+                reader.feed(data)
             buf = reader.buffer
             available = len(buf)
             pos = reader.pos

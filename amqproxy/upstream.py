@@ -22,7 +22,6 @@ from gevent.event import AsyncResult
 
 from . import tls
 from .channel import CHANNEL_CLOSE_OK, ClientLeg, Link
-from .inbox import receive
 from .metrics import BYTES, FORWARD_LATENCY_C2U, FRAMES, UPSTREAM_TO_CLIENT
 from .outbox import Outbox
 from .protocol import constants as c
@@ -53,6 +52,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("amqproxy.upstream")
 
 _METHOD_ID = struct.Struct(">HH")
+_RECV_SIZE = 256 * 1024
 # Broker methods the reader interprets: channel state, exclusive queues, consumer tags, the
 # replies to synchronous requests (recorded for recovery, control plane only) and, on confirm
 # channels, publisher confirms.
@@ -391,8 +391,10 @@ class Upstream:
         run = Run()
         try:
             while True:
-                if not receive(sock, reader):
+                data = sock.recv(_RECV_SIZE)
+                if not data:
                     raise ConnectionResetError("connection closed by the broker")
+                reader.feed(data)
                 received_at = self.last_recv = time.monotonic()
                 batches: defaultdict[ClientLeg, bytearray] = defaultdict(bytearray)
                 buf = reader.buffer

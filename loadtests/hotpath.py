@@ -44,11 +44,6 @@ class _Socket:
         self.left -= 1
         return self.data
 
-    def recv_into(self, buffer: bytearray) -> int:
-        data = self.recv(len(buffer))
-        buffer[: len(data)] = data  # a copy, as a socket's recv_into makes
-        return len(data)
-
 
 class _Upstream:
     """The far side of the client loop: counts bytes, never backs up (older trees read `outbox`)."""

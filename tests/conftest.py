@@ -369,7 +369,7 @@ def temp_user(broker):
         broker.ctl("delete_user", user, check=False)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def _own_broker_node(tmp_path_factory):
     sbin = rabbitmq_sbin()
     if sbin is None:
@@ -390,9 +390,9 @@ def _own_broker_node(tmp_path_factory):
 
 @pytest.fixture
 def own_broker(request, _own_broker_node) -> OwnBroker:
-    """A RabbitMQ node of this test module's own (see OwnBroker), never the shared broker: one
-    node per module, brought back to health (resumed, running, app started, no alarm) before
-    and after every test."""
+    """A RabbitMQ node of the suite's own (see OwnBroker), never the shared broker: one node for
+    the session (starting one costs 10 s or more), brought back to health (resumed, running, app
+    started, no alarm) before and after every test. Tests use unique queue names on it."""
     node = _own_broker_node
     node.ensure_healthy()
     request.node.stash.setdefault(_OWN_BROKERS_KEY, []).append(node)

@@ -177,11 +177,6 @@ class _Socket:
             raise _EndOfInput
         return self.chunks.pop()
 
-    def recv_into(self, buffer: bytearray) -> int:
-        data = self.recv(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
-
 
 class _Upstream:
     alive = True
