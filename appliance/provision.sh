@@ -374,7 +374,9 @@ stage_source() {
 }
 
 step_amqproxy() {
-    ensure_packages python3 python3-venv curl ca-certificates
+    # gcc and the headers compile the data path with Cython (setup.py); without them pip installs
+    # the pure-Python modules, which behave the same.
+    ensure_packages python3 python3-venv python3-dev gcc curl ca-certificates
     if ((!PREFIX_MODE)) && ! getent passwd amqproxy >/dev/null; then
         log "creating system user amqproxy"
         useradd --system --user-group --home-dir /nonexistent --no-create-home \

@@ -13,6 +13,8 @@ import pika.exceptions
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from amqproxy.accel import implementation
+
 from ._support import secret_file, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.proxy_only]
@@ -103,7 +105,7 @@ def test_metrics_follow_what_clients_do(proxy_factory, names):
     )
     assert value(s, "amqproxy_errors_total", error_type="auth", category="permanent", vhost="") == 1
     assert value(s, "amqproxy_build_info", version="0.1.0", python=pytest.importorskip("platform").python_version(),
-                 gevent=pytest.importorskip("gevent").__version__) == 1  # fmt: skip
+                 gevent=pytest.importorskip("gevent").__version__, implementation=implementation()) == 1  # fmt: skip
     for conn in conns[1:]:
         conn.close()
     s = wait_until(

@@ -15,6 +15,7 @@ import io
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -55,7 +56,10 @@ class HAProxy:
         if self.binary is None:
             raise HAProxyError("haproxy not found (apt-get install haproxy)")
         self.port = free_port()
-        self.socket_path = self.base_dir / "admin.sock"
+        # A unix socket path holds at most 97 bytes in HAProxy (and 107 in the kernel): a short
+        # directory of its own, not the test's deep temporary directory.
+        self._socket_dir = Path(tempfile.mkdtemp(prefix="haproxy-"))
+        self.socket_path = self._socket_dir / "admin.sock"
         self.config_path = self.base_dir / "haproxy.cfg"
         self.log_path = self.base_dir / "haproxy.log"
         self.proc: subprocess.Popen | None = None
@@ -139,6 +143,7 @@ backend amqproxy
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
+        shutil.rmtree(self._socket_dir, ignore_errors=True)
 
     def log_tail(self, n: int = 80) -> str:
         try:
