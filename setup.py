@@ -28,6 +28,8 @@ COMPILED = [
     "amqproxy/client_channels.py",
     "amqproxy/client_handshake.py",
     "amqproxy/upstream.py",
+    "amqproxy/upstream_handshake.py",
+    "amqproxy/upstream_replies.py",
     "amqproxy/recovery.py",
 ]
 

@@ -33,6 +33,8 @@ COMPILED = (
     "amqproxy.client_channels",
     "amqproxy.client_handshake",
     "amqproxy.upstream",
+    "amqproxy.upstream_handshake",
+    "amqproxy.upstream_replies",
     "amqproxy.recovery",
 )
 

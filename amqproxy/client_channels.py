@@ -28,7 +28,8 @@ from .protocol.frames import method_frame
 from .protocol.handshake import Credentials
 from .protocol.rules import CLIENT_CHANNEL_METHODS, QUEUE_ACCESS_METHODS, Role, role_of
 from .recovery import ConfirmTracker, Topology, ack_tag
-from .upstream import Upstream, UpstreamError
+from .upstream import Upstream
+from .upstream_handshake import UpstreamError
 
 if TYPE_CHECKING:
     from .config import Config

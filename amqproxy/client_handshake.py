@@ -23,7 +23,7 @@ from .protocol import proxyproto
 from .protocol.connection import Authenticate, ClientConnection, ConnectionState, Ended, OpenVhost, Refuse, Send
 from .protocol.errors import reply_text
 from .protocol.handshake import Credentials, negotiate
-from .upstream import UpstreamError
+from .upstream_handshake import UpstreamError
 
 if TYPE_CHECKING:
     import socket

@@ -32,7 +32,8 @@ from .protocol.errors import reply_text
 from .protocol.frames import FRAME_HEADER_STRUCT, append_split_body, method_frame
 from .protocol.rules import Role
 from .recovery import consume_nowait, qos_default
-from .upstream import Upstream, UpstreamError
+from .upstream import Upstream
+from .upstream_handshake import UpstreamError
 
 if TYPE_CHECKING:
     from .config import Config

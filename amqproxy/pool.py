@@ -32,7 +32,8 @@ from .exclusive import ExclusiveQueues
 from .nodes import OPEN, BackoffPolicy, BreakerPolicy, NodeSet
 from .protocol.handshake import Credentials
 from .protocol.rules import Role
-from .upstream import Upstream, UpstreamError, UpstreamState
+from .upstream import Upstream
+from .upstream_handshake import UpstreamError, UpstreamState
 
 if TYPE_CHECKING:
     from .channel import Link

@@ -8,10 +8,8 @@ writing it. The reader routes each frame by upstream channel id to the owning cl
 
 from __future__ import annotations
 
-import enum
 import logging
 import socket
-import ssl
 import struct
 import time
 from collections import defaultdict
@@ -20,13 +18,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 import gevent
 from gevent.event import AsyncResult
 
-from . import tls
-from .channel import CHANNEL_CLOSE_OK, ClientLeg, Link
-from .metrics import BYTES, FORWARD_LATENCY_C2U, FRAMES, UPSTREAM_TO_CLIENT
+from .channel import ClientLeg, Link
+from .metrics import BYTES, FRAMES, UPSTREAM_TO_CLIENT
 from .outbox import Outbox
 from .protocol import constants as c
-from .protocol import proxyproto
-from .protocol.closing import CloseEvent
 from .protocol.codec import DecodeError, decode_method, encode_method
 from .protocol.constants import FRAME_END, FRAME_METHOD, REPLY_NAMES
 from .protocol.content import DELIVER, Run, append_frames, message_run
@@ -39,9 +34,11 @@ from .protocol.frames import (
     append_split_body,
     method_frame,
 )
-from .protocol.handshake import Credentials, negotiate, start_ok_payload, tune_ok_payload
+from .protocol.handshake import Credentials
 from .protocol.rules import Role
-from .recovery import BASIC_QOS_OK, REPLY_METHODS, culprit, delivery_tag_position, shift_tag
+from .recovery import culprit, delivery_tag_position, shift_tag
+from .upstream_handshake import _HAS_USER_TIMEOUT, UpstreamHandshake, UpstreamState, describe_error
+from .upstream_replies import WATCHED, UpstreamReplies
 
 if TYPE_CHECKING:
     from .config import Config
@@ -52,34 +49,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("amqproxy.upstream")
 
 _METHOD_ID = struct.Struct(">HH")
-_RECV_SIZE = 256 * 1024
-# Broker methods the reader interprets: channel state, exclusive queues, consumer tags, the
-# replies to synchronous requests (recorded for recovery, control plane only) and, on confirm
-# channels, publisher confirms.
-_WATCHED = frozenset(
-    {
-        c.CHANNEL_OPEN_OK,
-        c.CHANNEL_CLOSE,
-        c.CHANNEL_CLOSE_OK,
-        c.BASIC_CANCEL,
-        c.BASIC_ACK,
-        c.BASIC_NACK,
-    }
-    | REPLY_METHODS
-)
-_TX_COMMIT_OK = (90, 21)
-_CONFIRMS = frozenset({c.BASIC_ACK, c.BASIC_NACK})
-_U64_BIT = struct.Struct(">QB")
 _U64 = struct.Struct(">Q")
 _DELIVERIES = frozenset({c.BASIC_DELIVER, c.BASIC_GET_OK})
-
-
-class UpstreamState(str, enum.Enum):
-    NEW = "new"  # dialling: TCP, TLS, the protocol header
-    LOGGED_IN = "logged-in"  # Start/StartOk/Tune/TuneOk done: the credentials are proven
-    OPEN = "open"  # Connection.Open done: carries channels
-    CLOSING = "closing"  # our Connection.Close sent, awaiting Close-Ok
-    CLOSED = "closed"
+_RECV_SIZE = 256 * 1024
 
 
 class UpstreamPool(Protocol):
@@ -97,23 +69,12 @@ class UpstreamPool(Protocol):
     def upstream_gone(self, upstream: Upstream, unexpected: bool, wanted: bool) -> None: ...
 
 
-class UpstreamError(Exception):
-    """The broker could not be reached or refused us.
+class Upstream(UpstreamHandshake, UpstreamReplies):
+    """A pooled connection to a broker node; the handshake and the reply interpretation are its
+    mixins' (upstream_handshake.py, upstream_replies.py)."""
 
-    `reply_code` is the broker's AMQP code when it answered (403, 530...), else 0. `permanent`
-    failures (credentials, vhost, permissions) are not worth retrying on another node.
-    `breaker_open`: nothing was tried, every node's circuit breaker is open.
-    """
+    pool: UpstreamPool  # the mixins name only what they use of it
 
-    def __init__(self, text: str, reply_code: int = 0, permanent: bool = False, breaker_open: bool = False) -> None:
-        super().__init__(text)
-        self.text = text
-        self.reply_code = reply_code
-        self.permanent = permanent
-        self.breaker_open = breaker_open  # refused at once: every node's circuit breaker is open
-
-
-class Upstream:
     def __init__(self, pool: UpstreamPool, node: Node, credentials: Credentials, upstream_id: int) -> None:
         self.pool = pool
         self.node = node
@@ -152,122 +113,6 @@ class Upstream:
     @property
     def key(self) -> tuple[str, str, str]:
         return (self.credentials.username, self.credentials.password, self.vhost or "")
-
-    @property
-    def name(self) -> str:
-        return f"amqproxy[{self.pool.pid}] upstream {self.id}"
-
-    # ------------------------------------------------------------------ handshake (caller's greenlet)
-
-    def login(self, timeout: float) -> None:
-        """TCP (+TLS) connect, protocol header, Start/StartOk/Tune/TuneOk: proves the credentials."""
-        cfg = self.pool.config
-        try:
-            sock = socket.create_connection((self.node.host, self.node.port), timeout=timeout)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            tune_socket(sock, cfg.upstream_keepalive, cfg.upstream_tcp_user_timeout)
-            if self.node.proxy_protocol:  # before any TLS byte, as the broker expects it
-                sock.sendall(proxyproto.encode(self.node.proxy_protocol, sock.getsockname(), sock.getpeername()))
-            sock = tls.wrap_upstream(sock, self.node, cfg)  # amqps://: TLS (+mTLS) with SNI
-            self.sock = sock
-            sock.sendall(c.PROTOCOL_HEADER)
-            method, args = self._expect_method(c.CONNECTION_START, timeout)
-            self.server_properties = args["server_properties"]
-            mechanisms = args["mechanisms"].split()
-            mechanism = self.credentials.mechanism
-            if mechanism.encode() not in mechanisms:
-                mechanism = "PLAIN"
-                if b"PLAIN" not in mechanisms:
-                    raise UpstreamError(f"broker offers no PLAIN mechanism ({args['mechanisms']!r})", permanent=True)
-            self._send_handshake(start_ok_payload(self.credentials, self.name, {}, mechanism))
-            method, args = self._expect_method(c.CONNECTION_TUNE, timeout)
-            self.broker_channel_max = args["channel_max"] or 65535
-            self.channel_max = negotiate(cfg.max_channels_per_upstream, args["channel_max"]) or 65535
-            self.frame_max = negotiate(cfg.frame_max, args["frame_max"]) or cfg.frame_max
-            self.max_body = self.frame_max - c.FRAME_OVERHEAD
-            self.heartbeat = cfg.upstream_heartbeat
-            self._send_handshake(tune_ok_payload(self.channel_max, self.frame_max, self.heartbeat))
-            self.state = UpstreamState.LOGGED_IN
-        except UpstreamError:
-            self.abort()
-            raise
-        except (OSError, ssl.SSLError, ProtocolError, DecodeError) as exc:
-            self.abort()
-            raise UpstreamError(f"cannot connect to {self.node.label}: {_describe(exc)}") from exc
-
-    def open(self, vhost: str, timeout: float) -> None:
-        """Connection.Open for `vhost`; then start the reader and writer greenlets."""
-        try:
-            self._send_handshake(encode_method(c.CONNECTION_OPEN, virtual_host=vhost))
-            self._expect_method(c.CONNECTION_OPEN_OK, timeout)
-        except UpstreamError:
-            self.abort()
-            raise
-        except (OSError, ssl.SSLError, ProtocolError, DecodeError) as exc:
-            self.abort()
-            raise UpstreamError(f"connection to {self.node.label} lost during open: {_describe(exc)}") from exc
-        assert self.sock is not None
-        self.sock.settimeout(None)
-        self.vhost = vhost
-        self.state = UpstreamState.OPEN
-        self.last_recv = self.idle_since = time.monotonic()
-        self.outbox = Outbox(
-            self.sock,
-            self._on_write_error,
-            high_watermark=self.pool.config.upstream_buffer,
-            latency=FORWARD_LATENCY_C2U,
-        )
-        self._reader = gevent.spawn(self._read_loop)
-        log.info(
-            "upstream connection open",
-            extra={
-                "event": "upstream_open",
-                "upstream_id": self.id,
-                "node": self.node.label,
-                "vhost": vhost,
-                "user": self.credentials.username,
-                "channel_max": self.channel_max,
-                "frame_max": self.frame_max,
-                "heartbeat": self.heartbeat,
-            },
-        )
-
-    def _send_handshake(self, payload: bytes) -> None:
-        assert self.sock is not None
-        self.sock.sendall(method_frame(0, payload))
-
-    def _expect_method(self, expected: tuple[int, int], timeout: float) -> tuple[tuple[int, int], dict[str, Any]]:
-        assert self.sock is not None
-        self.sock.settimeout(timeout)
-        reader = self._handshake
-        while True:
-            frame = reader.next_frame()
-            if frame is None:
-                data = self.sock.recv(65536)
-                if not data:
-                    raise UpstreamError(
-                        f"{self.node.label} closed the connection during the handshake "
-                        f"(expected {'.'.join(map(str, expected))})",
-                        reply_code=c.ACCESS_REFUSED if expected == c.CONNECTION_TUNE else 0,
-                        permanent=expected == c.CONNECTION_TUNE,
-                    )
-                reader.feed(data)
-                continue
-            frame_type, _channel, start, end = frame
-            if frame_type != c.FRAME_METHOD:
-                continue  # heartbeats may arrive once tuned
-            method, args = decode_method(bytes(reader.buffer[start:end]))
-            reader.compact()
-            if method == expected:
-                return method, args
-            if method == c.CONNECTION_CLOSE:
-                try:
-                    self._send_handshake(encode_method(c.CONNECTION_CLOSE_OK))
-                except OSError:
-                    pass
-                code = args["reply_code"]
-                raise UpstreamError(args["reply_text"], reply_code=code, permanent=code in (403, 530, 402))
-            raise UpstreamError(f"unexpected {method} from {self.node.label} during the handshake")
 
     def abort(self) -> None:
         """Drop a connection that never reached the pool (failed or stale handshake)."""
@@ -457,7 +302,7 @@ class Upstream:
                         if frame_type == c.FRAME_METHOD:
                             method = unpack_method(buf, start)
                             rewritten: bytes | bool = True
-                            if method in _WATCHED:
+                            if method in WATCHED:
                                 rewritten = self._on_watched(link, method, view[start:end])
                                 if not rewritten:
                                     continue
@@ -521,7 +366,7 @@ class Upstream:
                 reason = REPLY_NAMES.get(getattr(exc, "reply_code", 501), "frame_error").lower()
                 self.pool.metrics.frame_failed(UPSTREAM_TO_CLIENT, reason)
             if self.state is not UpstreamState.CLOSED:
-                self.fail(f"connection to {self.node.label} lost: {_describe(exc)}")
+                self.fail(f"connection to {self.node.label} lost: {describe_error(exc)}")
             self._finish()
         except gevent.GreenletExit:
             pass
@@ -553,120 +398,6 @@ class Upstream:
                 self.tell_blocked(client)
         elif method == c.CONNECTION_UNBLOCKED:
             self._unblock_all()
-
-    def _on_watched(self, link: Link, method: tuple[int, int], payload: memoryview) -> bool | bytes:
-        """Update channel state from a broker reply; return whether to forward it to the client,
-        or the payload to forward instead (renumbered after a recovery)."""
-        client = link.client
-        if method == c.CHANNEL_OPEN_OK:
-            link.open_pending = False
-        if link.replay is not None:
-            return self._on_replay(link, method, payload)
-        if method in _CONFIRMS:
-            return self._on_confirm(link, payload)
-        if method == c.CHANNEL_CLOSE_OK:
-            return self._close_event(link, CloseEvent.BROKER_CLOSE_OK)
-        if method == c.CHANNEL_CLOSE:
-            # Declares the broker will now never answer: drop the names reserved for them.
-            for _exclusive, reserved in link.pending_declares:
-                if reserved is not None and client is not None:
-                    self.pool.exclusive.remove_if_owner(self.vhost or "", reserved, client)
-            link.pending_declares.clear()
-            link.record.pending.clear()
-            return self._close_event(link, CloseEvent.BROKER_CLOSE)
-        if method == c.CHANNEL_OPEN_OK:
-            # The proxy answered the client's channel.open itself (placement is deferred to the
-            # channel's first method), so this reply is the proxy's own.
-            if link.waiter is not None:
-                link.waiter.set(True)
-            return False
-        name = ""
-        forward: bool | bytes = True
-        if method == c.QUEUE_DECLARE_OK:
-            _, args = decode_method(payload)
-            name = args["queue"]
-            if link.pending_declares and link.pending_declares.popleft()[0]:
-                if client is not None and not client.closing:
-                    self.pool.exclusive.add(self.vhost or "", name, client, self)
-                else:
-                    # Its client is gone or leaving: the queue must not outlive it on this
-                    # shared connection.
-                    self.delete_queues([name])
-            forward = not link.client_not_listening
-        elif method == c.QUEUE_DELETE_OK:
-            if link.pending_deletes:
-                self.pool.exclusive.remove(self.vhost or "", link.pending_deletes.popleft())
-            forward = not link.client_not_listening
-        elif link.closing and link.client_not_listening:
-            # The client was sent a Close (by the broker or the proxy): only Close-Ok matters now.
-            # After the client's own Close, replies still in flight (commit-ok...) go through.
-            return False
-        elif method == c.BASIC_CONSUME_OK:
-            _, args = decode_method(payload)
-            name = args["consumer_tag"]
-            link.consumer_tags.add(name)
-        elif method == c.BASIC_CANCEL_OK:
-            _, args = decode_method(payload)
-            link.consumer_tags.discard(args["consumer_tag"])
-        elif method == c.BASIC_CANCEL:
-            _, args = decode_method(payload)
-            link.consumer_tags.discard(args["consumer_tag"])
-            link.record.cancelled(args["consumer_tag"])
-            # Consumer cancel notify goes only to clients that advertised it (as RabbitMQ does).
-            return client is not None and "consumer_cancel_notify" in client.capabilities
-        elif method == _TX_COMMIT_OK:
-            link.commit_pending = False
-        elif method == BASIC_QOS_OK and link.swallow_qos_ok:
-            link.swallow_qos_ok -= 1  # the answer to a basic.qos replayed by a recovery
-            return False
-        elif method == c.BASIC_GET_OK and client is not None:
-            link.delivered += 1
-            if link.tag_offset:
-                position = delivery_tag_position(method, payload, 0)
-                forward = shift_tag(payload, 0, len(payload), position, link.tag_offset)
-        link.record.reply(method, name, client.topology if client is not None else None)
-        return forward
-
-    def _on_confirm(self, link: Link, payload: memoryview) -> bool | bytes:
-        """basic.ack/nack from the broker (publisher confirms): bookkeeping only once the channel
-        went through a recovery (then renumbered into the client's sequence)."""
-        if link.closing and link.client_not_listening:
-            return False
-        tracker = link.confirms
-        if tracker is None:
-            return True
-        tag, bits = _U64_BIT.unpack_from(payload, 4)
-        offset = link.confirm_offset
-        tracker.confirmed(tag + offset, bool(bits & 1))
-        if not offset:
-            return True
-        return shift_tag(payload, 0, len(payload), 4, offset)
-
-    def _on_replay(self, link: Link, method: tuple[int, int], payload: memoryview) -> bool:
-        """A recovery's stand-in link: nothing reaches the client; count the replay's qos-oks."""
-        replay = link.replay
-        assert replay is not None
-        if method == c.CHANNEL_CLOSE:
-            _, args = decode_method(payload)
-            replay.error = f"{args['reply_code']} {args['reply_text']}"
-            link.close_event(CloseEvent.BROKER_CLOSE)
-            if link.waiter is not None:
-                link.waiter.set(False)
-        elif method == c.CHANNEL_CLOSE_OK:
-            link.close_event(CloseEvent.BROKER_CLOSE_OK)
-        elif method == BASIC_QOS_OK:
-            replay.remaining -= 1
-            if replay.remaining <= 0 and link.waiter is not None:
-                link.waiter.set(True)
-        return False
-
-    @staticmethod
-    def _close_event(link: Link, event: CloseEvent) -> bool | bytes:
-        """A Close or Close-Ok from the broker: what the read loop passes on to the client (the
-        broker's frame, or a Close-Ok of ours answering the client's own Close)."""
-        to_client, forward = link.close_event(event)
-        # A broker Close or Close-Ok yields no Close of ours for the client, at most a Close-Ok.
-        return CHANNEL_CLOSE_OK if to_client else forward
 
     def tell_blocked(self, client: ClientLeg) -> None:
         """A client with channels here learns of the block (if it asked for connection.blocked)."""
@@ -886,32 +617,8 @@ class Upstream:
             timer.kill(block=False)
 
     def _on_write_error(self, exc: BaseException) -> None:
-        self.fail(f"write to {self.node.label} failed: {_describe(exc)}")
+        self.fail(f"write to {self.node.label} failed: {describe_error(exc)}")
 
 
-_HAS_USER_TIMEOUT = hasattr(socket, "TCP_USER_TIMEOUT")
 TICK = 1.0  # the janitor calls tick() about this often (server.JANITOR_INTERVAL)
 SILENCE_MARGIN = 3.0  # s the watchdog allows beyond a heartbeat interval (GC pauses, a loaded host)
-
-
-def tune_socket(sock: socket.socket, keepalive: float, user_timeout: float) -> None:
-    """Kernel-level liveness on an upstream socket: TCP keepalive (idle seconds; 3 probes a
-    third of that apart) and TCP_USER_TIMEOUT (unacknowledged data), where the OS has them."""
-    if keepalive:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        for name, value in (
-            ("TCP_KEEPIDLE", keepalive),
-            ("TCP_KEEPINTVL", keepalive / 3),
-            ("TCP_KEEPCNT", 3),
-        ):
-            if hasattr(socket, name):
-                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), max(1, int(value)))
-    if user_timeout and _HAS_USER_TIMEOUT:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(user_timeout * 1000))
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc) or exc.__class__.__name__
-    if isinstance(exc, socket.timeout):
-        return "timed out"
-    return text

@@ -11,7 +11,8 @@ from amqproxy.protocol.closing import CloseEvent
 from amqproxy.protocol.codec import decode_method, encode_method
 from amqproxy.protocol.frames import method_frame
 from amqproxy.protocol.handshake import Credentials
-from amqproxy.upstream import Upstream, UpstreamState
+from amqproxy.upstream import Upstream
+from amqproxy.upstream_handshake import UpstreamState
 
 
 def make_upstream(channel_max=3):

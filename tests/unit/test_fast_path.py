@@ -31,7 +31,8 @@ from amqproxy.protocol.content import DELIVER, PUBLISH, Run, append_frames, mess
 from amqproxy.protocol.errors import ProtocolError
 from amqproxy.protocol.frames import FrameReader
 from amqproxy.protocol.rules import Role
-from amqproxy.upstream import Upstream, UpstreamState
+from amqproxy.upstream import Upstream
+from amqproxy.upstream_handshake import UpstreamState
 
 FRAME = struct.Struct(">BHI")
 

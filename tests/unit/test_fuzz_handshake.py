@@ -28,7 +28,7 @@ from amqproxy.protocol.errors import ProtocolError
 from amqproxy.protocol.frames import FrameReader, method_frame
 from amqproxy.protocol.handshake import AuthError, client_capabilities, negotiate, parse_credentials
 from amqproxy.server import Proxy
-from amqproxy.upstream import UpstreamError
+from amqproxy.upstream_handshake import UpstreamError
 
 text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=30)
 
