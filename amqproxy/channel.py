@@ -51,6 +51,11 @@ class ChannelSink(Protocol):
     def release(self, link: Link) -> None:
         """The channel id of `link` is free again (no reply for it can come any more)."""
 
+    def drain(self, link: Link, into: bytearray | None = None) -> None:
+        """`link` is done with its channel id, but the broker may still answer a Close on it
+        (closes crossed): the id is reopened (channel.open sent, or appended to `into`) and
+        freed only after that open-ok and a close of its own."""
+
     def backed_up(self) -> bool:
         """More is queued than the sink takes: its producer waits before reading more."""
 
@@ -110,6 +115,7 @@ class Link(ChannelGuard):
         "content",
         "waiter",
         "open_pending",
+        "draining",
         # recovery (see recovery.py); hot-path counters are plain attributes
         "record",
         "role",
@@ -146,6 +152,7 @@ class Link(ChannelGuard):
         self.content = bytearray()
         self.waiter: AsyncResult | None = None  # set by the proxy's own round trips (health checks)
         self.open_pending = False  # a pipelined upstream channel.open awaits its open-ok (watchdog)
+        self.draining = False  # the proxy's own: reopened an id after crossing closes (Upstream.drain)
         self.record = ChannelRecord()  # settings, consumers, unanswered requests (control path only)
         self.role: Role | None = None  # where it was placed, and is placed again
         self.delivered = 0  # deliveries to the client: the last delivery tag it saw
@@ -237,6 +244,8 @@ class Link(ChannelGuard):
                     upstream.send(method_frame(self.upstream_channel, payload))
             elif effect is Effect.RELEASE:
                 upstream.release(self)
+            elif effect is Effect.DRAIN:
+                upstream.drain(self, into)
         if event is CloseEvent.UPSTREAM_GONE:
             self.upstream = None
         if Effect.FORGET in effects and self.client is not None:
@@ -288,6 +297,9 @@ class Gap:
 
     def release(self, link: Link) -> None:
         pass
+
+    def drain(self, link: Link, into: bytearray | None = None) -> None:
+        pass  # a gap has no channel ids: the broker never closes a channel held in one
 
     def wait_for_room(self, timeout: float) -> bool:
         return self._room.wait(timeout)

@@ -52,6 +52,7 @@ _METHOD_ID = struct.Struct(">HH")
 _U64 = struct.Struct(">Q")
 _DELIVERIES = frozenset({c.BASIC_DELIVER, c.BASIC_GET_OK})
 _RECV_SIZE = 256 * 1024
+_CHANNEL_OPEN = encode_method(c.CHANNEL_OPEN)
 
 
 class UpstreamPool(Protocol):
@@ -174,11 +175,29 @@ class Upstream(UpstreamHandshake, UpstreamReplies):
                 self.idle_since = time.monotonic()
                 self.role = None
 
+    def drain(self, link: Link, into: bytearray | None = None) -> None:
+        """Our Close and the broker's crossed on `link`'s channel: the broker may still send the
+        Close-Ok for ours, after our Close-Ok for its Close. The id is reopened by a drain link of
+        the proxy's own at once (behind that Close-Ok, in the same batch when there is one): a
+        late Close-Ok reaches the drain, which is open and drops it, and the drain closes the
+        channel at its open-ok (upstream_replies), freeing the id when that Close is answered."""
+        channel = link.upstream_channel
+        if self.links.get(channel) is not link or not self.alive:
+            self.release(link)
+            return
+        drain = Link(None, 0, self, channel)
+        drain.draining = drain.open_pending = True  # the watchdog covers the open-ok
+        self.links[channel] = drain
+        if into is not None:
+            into += method_frame(channel, _CHANNEL_OPEN)
+        else:
+            self.send(method_frame(channel, _CHANNEL_OPEN))
+
     def open_channel(self, link: Link, timeout: float) -> bool:
         """channel.open for an attached link, waiting for open-ok: a round trip proving the
         connection answers. False when it does not within `timeout`."""
         link.waiter = AsyncResult()
-        self.send_method(link.upstream_channel, c.CHANNEL_OPEN)
+        self.send(method_frame(link.upstream_channel, _CHANNEL_OPEN))
         try:
             return bool(link.waiter.get(timeout=timeout))  # False: the connection died meanwhile
         except gevent.Timeout:
@@ -212,7 +231,7 @@ class Upstream(UpstreamHandshake, UpstreamReplies):
                 return
             ch = link.upstream_channel
             self.send(
-                method_frame(ch, encode_method(c.CHANNEL_OPEN))
+                method_frame(ch, _CHANNEL_OPEN)
                 + method_frame(ch, encode_method(c.QUEUE_DELETE, queue=name, nowait=True))
             )
             link.close_upstream(200, "exclusive queue cleanup")

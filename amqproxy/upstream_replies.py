@@ -85,6 +85,8 @@ class UpstreamReplies:
             # channel's first method), so this reply is the proxy's own.
             if link.waiter is not None:
                 link.waiter.set(True)
+            elif link.draining:
+                link.close_upstream(200, "channel id drained after crossing closes")
             return False
         name = ""
         forward: bool | bytes = True

@@ -18,10 +18,14 @@ happen: frames to send (or the received frame to forward), and the points where 
 channel id is released and the client channel id forgotten. A side's id is freed only when
 every Close it sent was answered and every Close it received was answered, so no reply for a
 previous user can ever reach a reused id. One exception, forced by RabbitMQ: when our Close and
-the broker's Close cross, the broker's Close-Ok for ours may never come (RabbitMQ answers it
-from a channel process that our Close-Ok stops), so a crossed Close counts as answered once
-the broker's Close is; and once the broker has sent Close, the proxy answers it only with
-Close-Ok, never with a Close of its own.
+the broker's Close cross, the broker's Close-Ok for ours may or may not come (RabbitMQ answers
+it from a channel process that our Close-Ok stops), so the link is done once the broker's Close
+is answered, but its id is not free yet: it goes to a drain (`Effect.DRAIN`), which reopens it
+and frees it after the open-ok and a close of its own. A late Close-Ok then reaches the drain,
+never the id's next user (taken as the answer to that user's Close, it would free the id while
+the broker still has the channel, and the next channel.open on it would be a 504 "second
+'channel.open' seen" for the whole shared connection). Once the broker has sent Close, the proxy
+answers it only with Close-Ok, never with a Close of its own.
 
 Pure and socket-free: `channel.Link.close_event` applies a transition and carries out its
 effects; tests/golden/channel_close.json pins the table to the behaviour it replaced.
@@ -68,6 +72,7 @@ class Effect(enum.Enum):
     UPSTREAM_CLOSE_OK = "upstream CloseOk"  # send Channel.Close-Ok to the broker
     FORWARD_UPSTREAM = "upstream fwd"  # pass the client's frame on to the broker
     RELEASE = "release"  # the upstream channel id is free
+    DRAIN = "drain"  # the link is done with its upstream id, which is reused only once drained
     FORGET = "forget"  # the client channel id is free
 
 
@@ -144,7 +149,8 @@ def _rule(client: ClientSide, upstream: UpstreamSide, event: CloseEvent) -> Tran
                 effects.append(Effect.CLIENT_CLOSE_OK)
                 c = C.DONE
     if upstream is not U.DONE and u is U.DONE:
-        effects.append(Effect.RELEASE)
+        crossed = event is E.BROKER_CLOSE and upstream is U.CLOSE_SENT  # a Close-Ok may still come
+        effects.append(Effect.DRAIN if crossed else Effect.RELEASE)
     if client is not C.DONE and c is C.DONE:
         effects.append(Effect.FORGET)
     return c, u, tuple(effects)

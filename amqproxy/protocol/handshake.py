@@ -138,7 +138,9 @@ def start_ok_payload(
     )
 
 
+@functools.lru_cache(maxsize=16)
 def tune_payload(channel_max: int, frame_max: int, heartbeat: int) -> bytes:
+    """Connection.Tune, encoded once per set of limits: every client gets the same."""
     return encode_method(CONNECTION_TUNE, channel_max=channel_max, frame_max=frame_max, heartbeat=heartbeat)
 
 

@@ -24,22 +24,39 @@ from ._support import RawAMQP, shutdown_both, wait_until
 _CHANNEL_OPEN_OK, _CHANNEL_CLOSE, _CHANNEL_CLOSE_OK = (20, 11), (20, 40), (20, 41)
 
 
+class _Relayed:
+    """One relayed connection: the proxy's socket, and the broker's frames held back, if any."""
+
+    def __init__(self, number: int, proxy_side: socket.socket):
+        self.number = number
+        self.proxy_side = proxy_side
+        self.lock = threading.Lock()  # one writer to the proxy at a time: a read's frames, or the held ones
+        self.held: bytearray | None = None
+
+
+_HOLD, _RELEASE = "hold", "release"
+
+
 class CrossingRelay:
     """A TCP relay between the proxy and the broker that reads the broker's frames. With
     `drop_late_close_ok`, it drops a Channel.Close-Ok that the broker sends on a channel it has
     sent a Close on: RabbitMQ does that when its writer loses the race against the channel's end
-    (observed under load), here made deterministic. It also records, per channel, what the proxy
-    sent after the broker's Close."""
+    (observed under load), here made deterministic. With `hold_late_close_ok`, that Close-Ok
+    and everything after it is held back until the proxy sends its next Channel.Close: a late
+    Close-Ok (RabbitMQ's writers are one per channel), here as late as it can be. It also
+    records, per channel, what the proxy sent after the broker's Close."""
 
-    def __init__(self, broker_host: str, broker_port: int, drop_late_close_ok: bool):
+    def __init__(self, broker_host: str, broker_port: int, drop_late_close_ok: bool, hold_late_close_ok: bool = False):
         self.broker = (broker_host, broker_port)
         self.drop_late_close_ok = drop_late_close_ok
+        self.hold_late_close_ok = hold_late_close_ok
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.lock = threading.Lock()
         self.broker_closed: set[tuple[int, int]] = set()  # (connection, channel) the broker closed
         self.closes_after_broker_close: list[tuple[int, int]] = []  # the proxy's Close sent anyway
         self.dropped = 0
+        self.held = 0  # late Close-Oks held back
         threading.Thread(target=self._accept, daemon=True).start()
 
     def close(self) -> None:
@@ -54,15 +71,17 @@ class CrossingRelay:
                 return
             number += 1
             broker_side = socket.create_connection(self.broker)
+            relayed = _Relayed(number, proxy_side)
             for src, dst, reader in (
                 (proxy_side, broker_side, self._from_proxy),
                 (broker_side, proxy_side, self._from_broker),
             ):
-                threading.Thread(target=self._pipe, args=(src, dst, reader, number), daemon=True).start()
+                threading.Thread(target=self._pipe, args=(src, dst, reader, relayed), daemon=True).start()
 
-    def _pipe(self, src, dst, on_frame, number: int) -> None:
+    def _pipe(self, src, dst, on_frame, relayed: _Relayed) -> None:
         buf = b""
-        skip = 8 if on_frame == self._from_proxy else 0  # the protocol header
+        from_broker = on_frame == self._from_broker
+        skip = 0 if from_broker else 8  # the protocol header
         try:
             while data := src.recv(65536):
                 buf += data
@@ -71,36 +90,57 @@ class CrossingRelay:
                     taken = min(skip, len(buf))
                     out += buf[:taken]
                     buf, skip = buf[taken:], skip - taken
-                while len(buf) >= 7:
-                    frame_type, channel, size = struct.unpack_from(">BHI", buf)
-                    if len(buf) < size + 8:
-                        break
-                    frame, buf = buf[: size + 8], buf[size + 8 :]
-                    method = struct.unpack_from(">HH", frame, 7) if frame_type == 1 and size >= 4 else None
-                    if on_frame(number, channel, method):
-                        out += frame
-                dst.sendall(out)
+                with relayed.lock:
+                    while len(buf) >= 7:
+                        frame_type, channel, size = struct.unpack_from(">BHI", buf)
+                        if len(buf) < size + 8:
+                            break
+                        frame, buf = buf[: size + 8], buf[size + 8 :]
+                        method = struct.unpack_from(">HH", frame, 7) if frame_type == 1 and size >= 4 else None
+                        verdict = on_frame(relayed.number, channel, method, relayed.held is not None)
+                        if verdict is _HOLD:
+                            relayed.held = bytearray()
+                        elif verdict is _RELEASE:
+                            assert relayed.held is not None
+                            relayed.proxy_side.sendall(relayed.held)  # before this Close reaches the broker
+                            relayed.held = None
+                        if not verdict:
+                            continue
+                        if from_broker and relayed.held is not None:
+                            relayed.held += frame
+                        else:
+                            out += frame
+                    if from_broker:
+                        dst.sendall(out)
+                if not from_broker:
+                    dst.sendall(out)
         except OSError:
             pass
         finally:
             shutdown_both(src, dst)
 
-    def _from_broker(self, number: int, channel: int, method) -> bool:
+    def _from_broker(self, number: int, channel: int, method, holding: bool):
         key = (number, channel)
         with self.lock:
             if method == _CHANNEL_CLOSE:
                 self.broker_closed.add(key)
             elif method == _CHANNEL_OPEN_OK:
                 self.broker_closed.discard(key)
-            elif method == _CHANNEL_CLOSE_OK and key in self.broker_closed and self.drop_late_close_ok:
-                self.dropped += 1
-                return False
+            elif method == _CHANNEL_CLOSE_OK and key in self.broker_closed:
+                if self.drop_late_close_ok:
+                    self.dropped += 1
+                    return False
+                if self.hold_late_close_ok and not holding:
+                    self.held += 1
+                    return _HOLD
         return True
 
-    def _from_proxy(self, number: int, channel: int, method) -> bool:
+    def _from_proxy(self, number: int, channel: int, method, holding: bool):
         with self.lock:
             if method == _CHANNEL_CLOSE and (number, channel) in self.broker_closed:
                 self.closes_after_broker_close.append((number, channel))
+        if holding and method == _CHANNEL_CLOSE:
+            return _RELEASE
         return True
 
 
@@ -234,6 +274,45 @@ def test_client_close_pipelined_behind_a_failing_method(proxy_factory, crossing_
     assert len(upstreams) == 1, upstreams
     _still_carries_traffic(proc, names)
     assert _open_upstreams(proc) == upstreams
+
+
+@pytest.mark.proxy_only
+def test_a_late_close_ok_never_answers_the_next_user_of_the_id(proxy_factory, broker, names):
+    """Closes cross on the upstream leg and the broker's Close-Ok for the crossed Close comes
+    late, once the proxy has sent its next Close. The client's next channel gets its replies in
+    order, its own Close-Ok last, and the shared connection stays open. (Found by the live fuzz
+    test: the late Close-Ok answered the next channel on the same upstream id, its reply was
+    lost, and the id was freed while the broker still had the channel; the next channel.open on
+    it closed the whole upstream connection with 504 "second 'channel.open' seen".)"""
+    relay = CrossingRelay(broker.host, broker.port, drop_late_close_ok=False, hold_late_close_ok=True)
+    try:
+        proc = proxy_factory(upstream=f"amqp://127.0.0.1:{relay.port}")
+        raw = _raw_client(proc.host, proc.port)
+        raw.send(C.Channel.Open(), 1)
+        raw.expect(C.Channel.OpenOk, 1)
+        raw.send_bytes(
+            pika.frame.Method(1, pika.spec.Basic.Consume(queue=names.queue())).marshal()
+            + pika.frame.Method(1, pika.spec.Channel.Close(200, "bye", 0, 0)).marshal()
+        )
+        raw.expect(C.Channel.CloseOk, 1)
+        # The same client channel again, its first method and its Close in one write: the proxy
+        # places it on the same upstream connection and forwards both at once.
+        raw.send_bytes(
+            pika.frame.Method(1, pika.spec.Channel.Open()).marshal()
+            + pika.frame.Method(1, pika.spec.Basic.Qos(prefetch_count=7)).marshal()
+            + pika.frame.Method(1, pika.spec.Channel.Close(200, "bye", 0, 0)).marshal()
+        )
+        replies = []
+        while C.Channel.CloseOk not in replies:
+            replies.append(type(raw.recv_frame()[1]))
+        assert replies == [C.Channel.OpenOk, C.Basic.QosOk, C.Channel.CloseOk]
+        assert relay.held == 1  # the late Close-Ok came, held until the proxy's next Close
+        raw.close()
+        _wait_settled(proc)
+        assert len(_open_upstreams(proc)) == 1
+        _still_carries_traffic(proc, names)
+    finally:
+        relay.close()
 
 
 def _still_carries_traffic(proc, names) -> None:

@@ -26,10 +26,13 @@ def test_setup_compiles_exactly_the_modules_accel_names():
 
 
 def _implementation(env: dict[str, str]) -> str:
+    """`amqproxy --version` run with `env` on top of this test's environment, less the switch to
+    the Python sources (the pure-Python run of the unit tests sets it)."""
+    inherited = {key: value for key, value in os.environ.items() if key != accel.PURE_ENV}
     result = subprocess.run(
         [sys.executable, "-m", "amqproxy", "--version"],
         cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT), **env},
+        env={**inherited, "PYTHONPATH": str(ROOT), **env},
         capture_output=True,
         text=True,
         timeout=30,

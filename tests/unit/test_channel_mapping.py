@@ -130,11 +130,45 @@ def test_a_proxy_channel_error_closes_both_sides_with_their_own_codes():
     )
     link.close_upstream(200, "closed by amqproxy")
     assert decode_method(sent[0][7:-1])[1]["reply_code"] == 200
-    # The broker's Close crosses ours: counted as answered once we answer it (RabbitMQ may never
-    # send the Close-Ok for ours), and a late Close-Ok is dropped.
+    # The broker's Close crosses ours: the link is done once we answer it (RabbitMQ may or may
+    # not send the Close-Ok for ours), and its id goes to a drain, reopened behind our Close-Ok.
+    channel = link.upstream_channel
     link.close_event(CloseEvent.BROKER_CLOSE)
-    assert link.upstream_channel not in upstream.links
+    assert sent[1:] == [method_frame(channel, encode_method(c.CHANNEL_CLOSE_OK)), method_frame(channel, _OPEN)]
+    assert upstream.links[channel] is not link and upstream.links[channel].draining
     assert link.close_event(CloseEvent.BROKER_CLOSE_OK) == (b"", False)
+
+
+_OPEN = encode_method(c.CHANNEL_OPEN)
+
+
+def _broker_says(upstream, link, method):
+    payload = encode_method(method)
+    return upstream._on_watched(link, method, memoryview(payload))
+
+
+def test_a_crossed_id_is_reused_only_after_its_drain_is_closed():
+    """A late Close-Ok for the crossed Close goes to the drain (taken by the id's next user as
+    the answer to its own Close, it would free the id while the broker still has the channel:
+    504 "second 'channel.open' seen" for the whole connection)."""
+    upstream, client = make_upstream(channel_max=10), _Recorder()
+    sent = _sent(upstream)
+    link = attached(upstream, client, 1)
+    channel = link.upstream_channel
+    link.close_event(CloseEvent.CLIENT_GONE)  # our Close...
+    link.close_event(CloseEvent.BROKER_CLOSE)  # ...crossed by the broker's
+    drain = upstream.links[channel]
+    assert drain.draining and drain.open_pending and upstream.awaiting() == f"channel.open-ok on channel {channel}"
+    successor = attached(upstream, _Recorder(), 1)
+    assert successor.upstream_channel != channel  # the client's own id is taken by the drain
+    assert _broker_says(upstream, drain, c.CHANNEL_CLOSE_OK) is False  # the late Close-Ok: dropped
+    assert upstream.links[channel] is drain
+    del sent[:]
+    assert _broker_says(upstream, drain, c.CHANNEL_OPEN_OK) is False
+    assert [decode_method(frame[7:-1])[0] for frame in sent] == [c.CHANNEL_CLOSE]
+    assert upstream.links[channel] is drain and not drain.open_pending
+    _broker_says(upstream, drain, c.CHANNEL_CLOSE_OK)  # the answer to the drain's own Close
+    assert channel not in upstream.links
 
 
 def test_a_link_without_a_client_has_no_client_side():

@@ -46,7 +46,11 @@ class Channel:
                 out.append(f"upstream CloseOk ch{UPSTREAM_CH}")
             elif effect is Effect.FORWARD_UPSTREAM:
                 out.append(f"upstream fwd {frame} ch{UPSTREAM_CH}")
-        tail = [e.value for e in (Effect.RELEASE, Effect.FORGET) if e in effects]
+        # A drained id (closes crossed) is released from this channel's point of view: the
+        # recorded code freed it at once; the drain that now reuses it only once the broker is
+        # past the crossing is the upstream's (test_channel_close.py shows it on the wire).
+        released = Effect.RELEASE in effects or Effect.DRAIN in effects
+        tail = (["release"] if released else []) + (["forget"] if Effect.FORGET in effects else [])
         return out + tail
 
     def event(self, name: str) -> list[str]:
