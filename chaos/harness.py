@@ -1,4 +1,4 @@
-"""One chaos scenario run: the topology, the fault window, and the invariants of issue #7.
+"""One chaos scenario run: the topology, the fault window, and the invariants every scenario must keep.
 
 Topology: workload clients -> amqproxy -> Toxiproxy route(s) -> an OwnBroker node (never the
 shared broker). A run measures a baseline of the proxy (gauges, fds, greenlets) once it is

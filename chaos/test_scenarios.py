@@ -1,4 +1,4 @@
-"""Chaos scenarios of issue #7: each injects faults on the upstream leg (Toxiproxy between the
+"""Chaos scenarios: each injects faults on the upstream leg (Toxiproxy between the
 proxy and its RabbitMQ node), on the broker node itself, or on the client leg, while
 publishers and consumers run through the proxy, and checks the invariants in chaos.harness.
 
@@ -263,7 +263,7 @@ def test_broker_kill9_and_restart(chaos, own_broker):
 
 @pytest.mark.parametrize("fault", ["kill -9 and restart", "stop_app 5 s/start_app"])
 def test_broker_restart_is_invisible_to_clients_without_recovery(chaos, own_broker, fault):
-    """--upstream-failure recover (#10): publishers with confirms and consumers with manual acks
+    """--upstream-failure recover: publishers with confirms and consumers with manual acks
     that have NO reconnect logic ride through a broker restart. No client may see an error; every
     confirmed message is consumed (redeliveries allowed); publishes in flight at the loss are
     nacked by the proxy and published again by the client."""
