@@ -68,11 +68,16 @@ class _SourceFinder:
 
 def _stale_extensions(directory: str, tail: str, source_mtime: float) -> bool:
     """An extension of this module exists beside the source, and it is older than the source."""
+    extension = _extension_of(directory, tail)
+    return extension is not None and os.path.getmtime(extension) < source_mtime
+
+
+def _extension_of(directory: str, tail: str) -> str | None:
     for suffix in importlib.machinery.EXTENSION_SUFFIXES:
         extension = os.path.join(directory, tail + suffix)
         if os.path.exists(extension):
-            return os.path.getmtime(extension) < source_mtime
-    return False
+            return extension
+    return None
 
 
 def install_source_finder() -> None:
@@ -81,7 +86,23 @@ def install_source_finder() -> None:
 
 
 def implementation() -> str:
-    """'cython' when the compiled modules are the ones loaded, else 'python'."""
-    from .protocol import content  # a compiled module, imported by every forwarding loop
+    """'cython' when every module of `COMPILED` runs compiled, 'python' when none does, 'mixed'
+    otherwise (some extensions are older than their sources: rebuild them, or the data path
+    runs partly as Python). Imports the modules of `COMPILED`."""
+    compiled = [not (importlib.import_module(name).__file__ or "").endswith(".py") for name in COMPILED]
+    if all(compiled):
+        return "cython"
+    return "mixed" if any(compiled) else "python"
 
-    return "python" if (content.__file__ or "").endswith(".py") else "cython"
+
+def sources_instead_of_extensions() -> list[str]:
+    """The modules of `COMPILED` loaded from their .py although an extension exists beside it
+    (older than the source), without AMQPROXY_PURE_PYTHON: worth a warning at start-up."""
+    if os.environ.get(PURE_ENV):
+        return []
+    stale = []
+    for name in COMPILED:
+        path = importlib.import_module(name).__file__ or ""
+        if path.endswith(".py") and _extension_of(os.path.dirname(path), name.rpartition(".")[2]) is not None:
+            stale.append(name)
+    return stale

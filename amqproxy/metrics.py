@@ -42,14 +42,20 @@ UPSTREAM_TO_CLIENT = "upstream_to_client"
 FRAMES = {CLIENT_TO_UPSTREAM: [0] * 9, UPSTREAM_TO_CLIENT: [0] * 9}
 BYTES = {CLIENT_TO_UPSTREAM: [0] * 9, UPSTREAM_TO_CLIENT: [0] * 9}
 
-BUILD_LABELS = {
-    "version": __version__,
-    "python": platform.python_version(),
-    "gevent": gevent.__version__,
-    "implementation": implementation(),  # cython: the compiled data path; python: its sources
-}
 BUILD_INFO = Info("amqproxy_build", "amqproxy version and build")
-BUILD_INFO.info(BUILD_LABELS)
+
+
+@functools.cache
+def build_labels() -> dict[str, str]:
+    """The build info's labels. Not at import: `implementation()` imports the data path's
+    modules, which import this one."""
+    return {
+        "version": __version__,
+        "python": platform.python_version(),
+        "gevent": gevent.__version__,
+        "implementation": implementation(),  # cython: the compiled data path; python: its sources; or mixed
+    }
+
 
 CLIENTS_OPENED = Counter(
     "amqproxy_client_connections_opened_total", "Client connections that completed the handshake", ["vhost", "user"]
@@ -199,6 +205,7 @@ class Metrics:
 
     def __init__(self, source: LiveSource) -> None:
         REGISTRY.register(LiveStateCollector(source))
+        BUILD_INFO.info(build_labels())
         self._children: dict[tuple[str, str], tuple[Any, Any, Any, Any]] = {}
         self.recent = RecentEvents()
 
@@ -463,7 +470,7 @@ class _SupervisorCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         info = InfoMetricFamily("amqproxy_build", "amqproxy version and build")
-        info.add_metric([], BUILD_LABELS)
+        info.add_metric([], build_labels())
         yield info
         # Two metrics, not one with a state label: configured + alive would be a meaningless sum.
         yield GaugeMetricFamily("amqproxy_workers_configured", "Worker processes configured", self.state["workers"])

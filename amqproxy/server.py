@@ -20,7 +20,7 @@ import gevent
 from gevent.event import Event
 from gevent.server import StreamServer
 
-from . import __version__, tls
+from . import __version__, accel, tls
 from .access import AddressFilter
 from .admin import AdminServer
 from .client import ClientSession
@@ -82,12 +82,21 @@ class Proxy:
             extra={
                 "event": "start",
                 "version": __version__,
+                "implementation": accel.implementation(),
                 "listen": "{}:{}".format(*self.config.listen),
                 "tls_listen": "{}:{}".format(*self.config.tls_listen) if self.config.tls_listen else None,
                 "upstreams": [node.label for node in self.config.upstream],
                 "http_listen": "{}:{}".format(*self.config.http_listen) if self.config.http_listen else None,
             },
         )
+
+        stale = accel.sources_instead_of_extensions()
+        if stale:
+            log.warning(
+                "compiled modules older than their sources: these run as Python (rebuild with "
+                "`python setup.py build_ext --inplace` or reinstall)",
+                extra={"event": "stale_extensions", "modules": stale},
+            )
 
     @property
     def address(self) -> tuple[str, int]:

@@ -24,9 +24,11 @@ the port differs:
   Crystal) started on free ports with its defaults and the same upstream, as a yardstick:
   "how far are we from the proxy people use today", measured in the same run.
 
-Runs are **interleaved**: for each round, for each workload, ``direct`` then ``proxy`` (then
-``anchor``, then the variants below). Slow drifts of the machine (other jobs, broker GC,
-thermal) therefore hit all targets alike instead of biasing whichever target ran last. The
+Runs are **interleaved**: for each round, for each workload, ``direct`` then ``proxy``,
+``anchor`` and the variants below, their order shifted by one place per round
+(``runner.rotated``). Slow drifts of the machine (other jobs, broker GC, thermal) therefore hit
+all targets alike, and no target always inherits what the run before it left the broker to
+do (a direct open_rate's 500 connections closing). The
 table reports the **median over rounds** of each metric per target and the
 **ratio = median(proxy) / median(direct)**; with an anchor also anchor / direct (``a/d``) and
 proxy / anchor (``p/a``, above 1 for a higher-is-better metric: we beat it).

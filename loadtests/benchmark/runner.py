@@ -291,7 +291,7 @@ def main(argv=None) -> int:
                 if "direct" in wl.targets:  # variants compare against direct; idle is proxy-only
                     target_names += [n for n, wls in variants.items() if wls is None or wl.name in wls]
                 expected += len(target_names)
-                for target_name in target_names:
+                for target_name in rotated(target_names, rnd):
                     rec = run_target(wl, target_name, rnd, settings, admin, broker, servers.get(target_name),
                                      broker_pid)  # fmt: skip
                     if rec is not None:
@@ -349,6 +349,18 @@ def main(argv=None) -> int:
         args.json.write_text(json.dumps(doc, indent=2) + "\n")
         print(f"raw numbers: {args.json}")
     return 1 if failed or checked or len(runs) < expected else 0
+
+
+def rotated(target_names: list[str], rnd: int) -> list[str]:
+    """The run order of one round: direct first (the reference), then the others shifted by one
+    place per round, so that no target always runs right after direct (a direct open_rate
+    leaves the broker closing 500 connections) or always last."""
+    head = [n for n in target_names if n == "direct"]
+    rest = [n for n in target_names if n != "direct"]
+    if rest:
+        shift = (rnd - 1) % len(rest)
+        rest = rest[shift:] + rest[:shift]
+    return head + rest
 
 
 def start_variants(args: argparse.Namespace, upstream: str, log_path: Path,

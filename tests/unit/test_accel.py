@@ -5,8 +5,10 @@ from __future__ import annotations
 import ast
 import importlib.machinery
 import os
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -25,14 +27,14 @@ def test_setup_compiles_exactly_the_modules_accel_names():
     assert [p.removesuffix(".py").replace("/", ".") for p in paths] == list(accel.COMPILED)
 
 
-def _implementation(env: dict[str, str]) -> str:
+def _implementation(env: dict[str, str], root: Path = ROOT) -> str:
     """`amqproxy --version` run with `env` on top of this test's environment, less the switch to
     the Python sources (the pure-Python run of the unit tests sets it)."""
     inherited = {key: value for key, value in os.environ.items() if key != accel.PURE_ENV}
     result = subprocess.run(
         [sys.executable, "-m", "amqproxy", "--version"],
-        cwd=ROOT,
-        env={**inherited, "PYTHONPATH": str(ROOT), **env},
+        cwd=root,
+        env={**inherited, "PYTHONPATH": str(root), **env},
         capture_output=True,
         text=True,
         timeout=30,
@@ -41,14 +43,32 @@ def _implementation(env: dict[str, str]) -> str:
     return result.stdout.split("(")[1].split()[0]
 
 
+def _fresh_extension(root: Path, name: str) -> bool:
+    """The module's extension exists and was built from its source as it is now."""
+    source = root / (name.replace(".", "/") + ".py")
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        extension = source.with_name(source.stem + suffix)
+        if extension.exists():
+            return extension.stat().st_mtime >= source.stat().st_mtime
+    return False
+
+
 def test_the_version_says_which_implementation_runs():
-    compiled = any(
-        (ROOT / (name.replace(".", "/") + suffix)).exists()
-        for name in accel.COMPILED
-        for suffix in importlib.machinery.EXTENSION_SUFFIXES
-    )
-    assert _implementation({}) == ("cython" if compiled else "python")
+    fresh = [_fresh_extension(ROOT, name) for name in accel.COMPILED]
+    expected = "cython" if all(fresh) else "mixed" if any(fresh) else "python"
+    assert _implementation({}) == expected
     assert _implementation({accel.PURE_ENV: "1"}) == "python"
+
+
+def test_a_source_edited_since_the_build_runs_as_python_and_the_version_says_mixed(tmp_path):
+    if not all(_fresh_extension(ROOT, name) for name in accel.COMPILED):
+        pytest.skip("needs the compiled modules, freshly built (python setup.py build_ext --inplace)")
+    shutil.copytree(ROOT / "amqproxy", tmp_path / "amqproxy", copy_function=shutil.copy2)  # mtimes kept
+    edited = tmp_path / "amqproxy" / "outbox.py"
+    later = time.time() + 10  # after every extension's build
+    os.utime(edited, (later, later))
+    assert _implementation({}, tmp_path) == "mixed"
+    assert _implementation({accel.PURE_ENV: "1"}, tmp_path) == "python"
 
 
 def test_this_test_run_uses_the_implementation_it_was_asked_for():
