@@ -313,6 +313,15 @@ class Upstream(UpstreamHandshake, UpstreamReplies):
                         frame_counts[frame_type] += 1
                         byte_counts[frame_type] += size + 8
                         if channel == 0:
+                            if frame_type == FRAME_METHOD:
+                                # A Close (or a block) is the clients' news only after what came
+                                # before it: at a loss their nacks must not overtake these acks.
+                                if run_client is not None:
+                                    batches[run_client] += view[run_start:run_end]
+                                    run_client = None
+                                for client, out in batches.items():
+                                    client.deliver(out, received_at)
+                                batches.clear()
                             self._on_connection_frame(frame_type, view[start:end])
                             continue
                         link = links.get(channel)

@@ -1,5 +1,6 @@
 """Channel-id mapping and close bookkeeping, without sockets."""
 
+import socket
 from types import SimpleNamespace
 
 from amqproxy.channel import Link
@@ -192,3 +193,48 @@ def test_exclusive_queues_follow_their_client():
     assert registry.owner("/", "q1") is None and registry.owner("/", "q3") is bob
     registry.forget_upstream(up1)
     assert len(registry) == 0
+
+
+class _OrderClient:
+    """A client that records, in order, what its upstream leg hands it."""
+
+    closing = False
+    max_body = 131072
+
+    def __init__(self):
+        self.events = []
+
+    def deliver(self, data, received_at):
+        self.events.append(("deliver", bytes(data)))
+
+    def upstream_lost(self, upstream, node, cause, links):
+        self.events.append(("lost", cause))
+
+    def forget(self, link):
+        pass
+
+
+def test_what_came_before_the_brokers_close_reaches_the_client_before_the_loss():
+    """The broker acks publishes and then closes the connection, all in one read: the client
+    gets the acks before it learns of the loss (a recovery then nacks only what is really
+    outstanding; nacks first would cover publishes whose acks follow)."""
+    upstream, client = make_upstream(channel_max=10), _OrderClient()
+    upstream.pool.metrics = None
+    upstream.pool.closing = set()
+    broker, proxy_side = socket.socketpair()
+    upstream.sock = proxy_side
+    upstream.frame_max = 131072
+    link = attached(upstream, client, 1)
+    ack = method_frame(link.upstream_channel, encode_method(c.BASIC_ACK, delivery_tag=3, multiple=True))
+    close = method_frame(
+        0,
+        encode_method(
+            c.CONNECTION_CLOSE, reply_code=320, reply_text="CONNECTION_FORCED - shutdown", class_id=0, method_id=0
+        ),
+    )
+    broker.sendall(ack + close)
+    broker.shutdown(socket.SHUT_WR)
+    upstream._read_loop()
+    broker.close()
+    assert [event for event, _ in client.events] == ["deliver", "lost"]
+    assert client.events[0][1] == ack
