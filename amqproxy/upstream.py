@@ -55,6 +55,13 @@ _RECV_SIZE = 256 * 1024
 _CHANNEL_OPEN = encode_method(c.CHANNEL_OPEN)
 
 
+def _deliver(batches: dict[ClientLeg, bytearray], received_at: float) -> None:
+    """Hand each client the frames a read gathered for it, and start the batches afresh."""
+    for client, out in batches.items():
+        client.deliver(out, received_at)
+    batches.clear()
+
+
 class UpstreamPool(Protocol):
     """What an upstream connection uses of the pool that owns it."""
 
@@ -319,9 +326,7 @@ class Upstream(UpstreamHandshake, UpstreamReplies):
                                 if run_client is not None:
                                     batches[run_client] += view[run_start:run_end]
                                     run_client = None
-                                for client, out in batches.items():
-                                    client.deliver(out, received_at)
-                                batches.clear()
+                                _deliver(batches, received_at)
                             self._on_connection_frame(frame_type, view[start:end])
                             continue
                         link = links.get(channel)
@@ -385,8 +390,7 @@ class Upstream(UpstreamHandshake, UpstreamReplies):
                         batches[run_client] += view[run_start:run_end]
                 reader.pos = pos
                 reader.compact()
-                for client, out in batches.items():
-                    client.deliver(out, received_at)
+                _deliver(batches, received_at)
                 # A busy broker socket never blocks recv(); yield so client writers get to run.
                 gevent.sleep(0)
         except (OSError, ProtocolError, DecodeError) as exc:

@@ -167,6 +167,18 @@ def _channel_error(raw: RawAMQP, channel: int, missing_queue: str) -> None:
     assert close.reply_code == 404, (close.reply_code, close.reply_text)
 
 
+def _close_behind_a_failing_method(raw: RawAMQP, missing_queue: str) -> None:
+    """Open channel 1, then send basic.consume on a queue that does not exist and the client's
+    Close in one write: the Close is on its way upstream when the broker's Close comes back (a
+    true crossing on the proxy's upstream leg)."""
+    raw.send(C.Channel.Open(), 1)
+    raw.expect(C.Channel.OpenOk, 1)
+    raw.send_bytes(
+        pika.frame.Method(1, pika.spec.Basic.Consume(queue=missing_queue)).marshal()
+        + pika.frame.Method(1, pika.spec.Channel.Close(200, "bye", 0, 0)).marshal()
+    )
+
+
 def _close(channel_reply_code: int = 200) -> C.Channel.Close:
     return C.Channel.Close(reply_code=channel_reply_code, reply_text="bye", class_id=0, method_id=0)
 
@@ -254,12 +266,7 @@ def test_client_close_pipelined_behind_a_failing_method(proxy_factory, crossing_
     proc = proxy_factory(upstream=f"amqp://127.0.0.1:{crossing_relay.port}")
     for _ in range(3):
         raw = _raw_client(proc.host, proc.port)
-        raw.send(C.Channel.Open(), 1)
-        raw.expect(C.Channel.OpenOk, 1)
-        raw.send_bytes(
-            pika.frame.Method(1, pika.spec.Basic.Consume(queue=names.queue())).marshal()
-            + pika.frame.Method(1, pika.spec.Channel.Close(200, "bye", 0, 0)).marshal()
-        )
+        _close_behind_a_failing_method(raw, names.queue())
         # RabbitMQ may or may not show the client its own Close (404) first; a Close-Ok comes.
         while True:
             _, frame = raw.recv_frame()
@@ -288,12 +295,7 @@ def test_a_late_close_ok_never_answers_the_next_user_of_the_id(proxy_factory, br
     try:
         proc = proxy_factory(upstream=f"amqp://127.0.0.1:{relay.port}")
         raw = _raw_client(proc.host, proc.port)
-        raw.send(C.Channel.Open(), 1)
-        raw.expect(C.Channel.OpenOk, 1)
-        raw.send_bytes(
-            pika.frame.Method(1, pika.spec.Basic.Consume(queue=names.queue())).marshal()
-            + pika.frame.Method(1, pika.spec.Channel.Close(200, "bye", 0, 0)).marshal()
-        )
+        _close_behind_a_failing_method(raw, names.queue())
         raw.expect(C.Channel.CloseOk, 1)
         # The same client channel again, its first method and its Close in one write: the proxy
         # places it on the same upstream connection and forwards both at once.
