@@ -409,6 +409,8 @@ class ChaosRun:
             # given (held unacked on a consumer's channel, or left behind a dropped delivery).
             self.violation(f"{len(stranded)} confirmed messages reached no consumer, e.g. {sorted(stranded)[:5]}")
         self.expect(not pending, f"{len(pending)} publishes without an outcome the client saw: {pending[:5]}")
+        numbering = ledger.numbering_errors
+        self.expect(not numbering, f"{len(numbering)} confirms or delivery tags out of sequence: {numbering[:3]}")
         # A failed publish is published again after reconnecting; only the last ones of a
         # stopping publisher may stay unconfirmed (one per publisher at most).
         self.expect(len(unsettled) <= len(self.workload.clients), f"{len(unsettled)} publishes never confirmed")

@@ -6,9 +6,13 @@ Marked `chaos`; those also marked `chaos_smoke` run in the default test command.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
+import uuid
 
+import aio_pika
+import aio_pika.exceptions
 import pika
 import pika.exceptions
 import pytest
@@ -280,6 +284,77 @@ def test_broker_restart_is_invisible_to_clients_without_recovery(chaos, own_brok
     # publishes them again); no connection or channel error. A publish waits for its channel's
     # recovery: the restart, not a hang, bounds it.
     run.finish(client_errors=False, stall_bound=RECOVERY_STALL_BOUND, tolerated=("nack",))
+
+
+CONTROL_WINDOW = 100  # publishes awaiting their confirm at once: many are in flight at the fault
+
+
+@pytest.mark.parametrize("fault", ["kill -9 and restart", "stop_app 5 s/start_app"])
+def test_control_the_broker_alone_keeps_every_message_it_confirmed(own_broker, fault):
+    """The control of the loss soak: the same node faults with no proxy in between. A publisher
+    with CONTROL_WINDOW confirms outstanding (aio-pika) publishes persistent messages to a
+    durable queue until the fault ends its connection; after the restart every message the
+    broker confirmed is in the queue. A loss through the proxy that this control does not show
+    is the proxy's; one the control shows too is the broker's."""
+    url = own_broker.target().url()
+    queue = f"chaos-control-{uuid.uuid4().hex[:8]}"
+
+    async def publish_until_the_fault() -> tuple[set[int], int]:
+        conn = await aio_pika.connect(url)
+        channel = await conn.channel(publisher_confirms=True)
+        await channel.declare_queue(queue, durable=True)
+        confirmed: set[int] = set()
+
+        async def publish(n: int) -> None:
+            with contextlib.suppress(aio_pika.exceptions.AMQPError, ConnectionError, asyncio.CancelledError):
+                message = aio_pika.Message(str(n).encode(), delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
+                await channel.default_exchange.publish(message, routing_key=queue)
+                confirmed.add(n)  # the broker's basic.ack, not a nack or a lost connection
+
+        fault_task = asyncio.create_task(asyncio.to_thread(fault_now))
+        await asyncio.sleep(0)
+        published, in_flight = 0, set()
+        while not conn.is_closed and not fault_task.done():
+            while len(in_flight) < CONTROL_WINDOW:
+                in_flight.add(asyncio.create_task(publish(published)))
+                published += 1
+            _done, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED, timeout=1)
+        if in_flight:
+            await asyncio.wait(in_flight, timeout=10)
+        await fault_task
+        with contextlib.suppress(aio_pika.exceptions.AMQPError, ConnectionError):
+            await conn.close()
+        return confirmed, published
+
+    def fault_now() -> None:
+        time.sleep(2)  # publishing at full speed meanwhile
+        if fault == "kill -9 and restart":
+            own_broker.kill9()
+        else:
+            own_broker.stop_app()
+
+    confirmed, published = asyncio.run(publish_until_the_fault())
+    if fault == "kill -9 and restart":
+        own_broker.restart()
+    else:
+        time.sleep(5)
+        own_broker.start_app()
+    kept: set[int] = set()
+    conn = pika.BlockingConnection(pika.ConnectionParameters(own_broker.host, own_broker.port))
+    try:
+        ch = conn.channel()
+        while True:
+            method, _props, body = ch.basic_get(queue, auto_ack=True)
+            if method is None:
+                break
+            kept.add(int(body))
+        ch.queue_delete(queue)
+    finally:
+        conn.close()
+    assert confirmed, "the broker confirmed nothing before the fault"
+    assert len(confirmed) < published, "the fault left no publish unconfirmed: it came after the publisher"
+    lost = sorted(confirmed - kept)
+    assert not lost, f"the broker lost {len(lost)} of {len(confirmed)} messages it confirmed: {lost[:10]}"
 
 
 # Blackholes at the proxy's defaults for liveness (heartbeat 5 s, silence timeout 8 s), in

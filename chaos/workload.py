@@ -68,6 +68,9 @@ class Ledger:
         self.busy: dict[str, tuple[str, float]] = {}  # client -> (op, since) while in a blocking call
         self.longest_stall = (0.0, "")  # (seconds, "client op") of the longest blocking call so far
         self.blocked_seen = 0  # connection.blocked notifications received
+        # Numbering a client saw that no broker would produce (see Publisher and Consumer):
+        # each one is a way to lose a message silently, whether or not this run lost one.
+        self.numbering_errors: list[str] = []
 
     # -- blocking-call tracking ------------------------------------------------
     def enter(self, client: str, op: str) -> None:
@@ -112,6 +115,10 @@ class Ledger:
         with self.lock:
             self.errors.append(ClientError(time.monotonic(), client, op, *describe(exc)))
 
+    def numbering_error(self, client: str, text: str) -> None:
+        with self.lock:
+            self.numbering_errors.append(f"{client}: {text}")
+
     def confirmed_between(self, start: float, end: float) -> int:
         with self.lock:
             return sum(1 for t in self.confirm_times if start <= t < end)
@@ -119,6 +126,42 @@ class Ledger:
     def errors_between(self, start: float, end: float) -> list[ClientError]:
         with self.lock:
             return [e for e in self.errors if start <= e.at < end]
+
+
+class ConfirmSequence:
+    """One publish at a time on a confirm channel: every basic.ack/nack must answer the publish
+    outstanding (its sequence number, or a `multiple` one reaching it), once."""
+
+    def __init__(self) -> None:
+        self.outstanding = 0  # sequence number of the publish waiting for its confirm (0: none)
+        self.last = 0  # the channel's publishes so far
+
+    def published(self) -> None:
+        self.last += 1
+        self.outstanding = self.last
+
+    def confirm(self, name: str, tag: int, multiple: bool) -> str:
+        """Empty when the confirm answers the outstanding publish, else what is wrong with it."""
+        outstanding, self.outstanding = self.outstanding, 0
+        if outstanding and (tag == outstanding or (multiple and tag > outstanding)):
+            return ""
+        state = f"publish {outstanding} outstanding" if outstanding else f"no publish outstanding (last {self.last})"
+        return f"{name} delivery-tag={tag} multiple={multiple} with {state}"
+
+
+class DeliverySequence:
+    """A channel's delivery tags are 1, 2, 3... (the broker numbers every delivery on a channel;
+    the proxy keeps that numbering across a recovery)."""
+
+    def __init__(self) -> None:
+        self.last = 0
+
+    def delivered(self, tag: int) -> str:
+        """Empty for the next tag in sequence, else what is wrong with it."""
+        expected, self.last = self.last + 1, tag
+        if tag == expected:
+            return ""
+        return f"delivery-tag {tag} where {expected} was next"
 
 
 @dataclass
@@ -190,7 +233,13 @@ class Client(threading.Thread):
 
 
 class Publisher(Client):
-    """Publishes persistent messages with confirms, one at a time; unconfirmed ones again."""
+    """Publishes persistent messages with confirms, one at a time; unconfirmed ones again.
+
+    pika's BlockingChannel takes the next basic.ack/nack as the answer to the publish it waits
+    for, whatever its delivery tag: one confirm too many (a duplicate, or one for a publish
+    already settled) would shift every later answer by one, and the publish in flight at the
+    next loss would count as confirmed though it was nacked. So every confirm is checked
+    against the one publish outstanding (its sequence number in this channel)."""
 
     ids = itertools.count()
 
@@ -201,10 +250,22 @@ class Publisher(Client):
     def session(self, conn: pika.BlockingConnection) -> None:
         ch = conn.channel()
         ch.confirm_delivery()
+        confirms = ConfirmSequence()
+
+        def check_confirm(frame) -> None:  # type: ignore[no-untyped-def]
+            method = frame.method
+            error = confirms.confirm(method.NAME, method.delivery_tag, method.multiple)
+            if error:
+                self.ledger.numbering_error(self.name_, error)
+
+        # Beside the BlockingChannel's own callback (internal API: pika has no public hook).
+        for confirm in (pika.spec.Basic.Ack, pika.spec.Basic.Nack):
+            ch._impl.callbacks.add(ch.channel_number, confirm, check_confirm, one_shot=False)
         props = pika.BasicProperties(delivery_mode=2)
         while not self.stop.is_set():
             message_id = self.retry.popleft() if self.retry else f"{self.name_}-{next(self.ids)}"
             self.ledger.attempt(message_id)
+            confirms.published()
             self.ledger.enter(self.name_, "publish")
             try:
                 ch.basic_publish("", self.endpoint.queue, message_id.encode(), props)
@@ -224,7 +285,11 @@ class Publisher(Client):
 
 
 class Consumer(Client):
-    """Consumes with manual acks; records every delivery's id, then acks it."""
+    """Consumes with manual acks; records every delivery's id, then acks it.
+
+    A channel's delivery tags are 1, 2, 3... (RabbitMQ numbers every delivery on a channel,
+    and the proxy keeps the numbering across a recovery): a gap is a delivery dropped on the
+    way, a repeat would make an ack settle another message."""
 
     def __init__(self, name: str, endpoint: Endpoint, ledger: Ledger, delay: float = 0.0) -> None:
         super().__init__(name, endpoint, ledger)
@@ -233,8 +298,12 @@ class Consumer(Client):
     def session(self, conn: pika.BlockingConnection) -> None:
         ch = conn.channel()
         ch.basic_qos(prefetch_count=CONSUMER_PREFETCH)
+        tags = DeliverySequence()
 
         def on_message(channel, method, _props, body):  # type: ignore[no-untyped-def]
+            error = tags.delivered(method.delivery_tag)
+            if error:
+                self.ledger.numbering_error(self.name_, f"{error} (message {body.decode()})")
             self.ledger.consume(body.decode())
             # pika dispatches every delivery that arrives meanwhile before returning: a slow
             # consumer stops being slow when told to stop, or it would never return.

@@ -8,7 +8,7 @@ import time
 import pika.exceptions
 
 from chaos.report import ScenarioResult, render
-from chaos.workload import Ledger, describe
+from chaos.workload import ConfirmSequence, DeliverySequence, Ledger, describe
 
 
 def test_describe_finds_the_close_code_pika_hides_in_handshake_errors():
@@ -50,3 +50,35 @@ def test_a_scenario_with_violations_fails_in_the_summary():
     assert "| quiet | none | 10 | 10 | 10 | 0 | 0 | - | 0.0 | 0.5 |" in table  # no detection: no silence
     assert table.splitlines()[3].endswith("| FAIL |") and table.splitlines()[2].endswith("| PASS |")
     assert "- lossy: 1 confirmed messages never consumed" in table
+
+
+def test_confirm_sequence_flags_every_confirm_that_answers_no_outstanding_publish():
+    confirms = ConfirmSequence()
+    confirms.published()
+    assert confirms.confirm("Basic.Ack", 1, False) == ""
+    confirms.published()
+    assert confirms.confirm("Basic.Nack", 2, True) == ""  # the recovery's nack of the publish in flight
+    # A second answer for publish 2 (the broker's late ack after the proxy's nack) would be
+    # taken by pika as the answer to publish 3: flagged whether it comes before or after it.
+    assert (
+        confirms.confirm("Basic.Ack", 2, False)
+        == "Basic.Ack delivery-tag=2 multiple=False with no publish outstanding (last 2)"
+    )
+    confirms.published()
+    assert (
+        confirms.confirm("Basic.Ack", 2, False) == "Basic.Ack delivery-tag=2 multiple=False with publish 3 outstanding"
+    )
+    confirms.published()
+    assert (
+        confirms.confirm("Basic.Ack", 5, False) == "Basic.Ack delivery-tag=5 multiple=False with publish 4 outstanding"
+    )
+    confirms.published()
+    assert confirms.confirm("Basic.Ack", 7, True) == ""  # multiple reaching it
+
+
+def test_delivery_sequence_flags_gaps_and_repeats():
+    tags = DeliverySequence()
+    assert [tags.delivered(t) for t in (1, 2, 3)] == ["", "", ""]
+    assert tags.delivered(5) == "delivery-tag 5 where 4 was next"  # a delivery dropped on the way
+    assert tags.delivered(6) == ""
+    assert tags.delivered(6) == "delivery-tag 6 where 7 was next"  # a repeat: an ack would settle another message

@@ -13,7 +13,7 @@ import urllib.request
 from pathlib import Path
 
 from .ports import accepting, free_port
-from .settings import LOG_TAIL_LINES, PROXY_START_TIMEOUT, PROXY_STOP_TIMEOUT, REPO_ROOT, UPSTREAM_URL
+from .settings import LOG_TAIL_LINES, PROXY_ROOT, PROXY_START_TIMEOUT, PROXY_STOP_TIMEOUT, UPSTREAM_URL
 from .target import Target
 
 
@@ -30,7 +30,7 @@ class ProxyProcess:
         extra_args=(),
         upstream: str | None = UPSTREAM_URL,
         *,
-        root: Path = REPO_ROOT,
+        root: Path = PROXY_ROOT,
         log_level: str = "info",
     ):
         # root: the checkout whose amqproxy runs (a benchmark compares another commit's in one run)

@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+# The checkout whose proxy the suites start: this one, or another (AMQPROXY_TEST_PROXY_ROOT).
+PROXY_ROOT = Path(os.environ.get("AMQPROXY_TEST_PROXY_ROOT") or REPO_ROOT)
 
 _broker = os.environ.get("AMQPROXY_TEST_BROKER", "127.0.0.1:5672")
 BROKER_HOST, _, _broker_port = _broker.rpartition(":")
