@@ -154,6 +154,16 @@ def confirmed_roundtrip(host: str, port: int, timeout: float = 30) -> None:
             conn.close()
 
 
+def drain(ch: Any, queue: str) -> list[str]:
+    """Every message left in `queue`, taken off it (auto-ack), as text."""
+    bodies = []
+    while True:
+        method, _props, body = ch.basic_get(queue, auto_ack=True)
+        if method is None:
+            return bodies
+        bodies.append(body.decode())
+
+
 class ChaosRun:
     """A scenario's run; see the module docstring."""
 
@@ -377,13 +387,10 @@ class ChaosRun:
         ledger, result = self.ledger, self.result
         stranded: set[str] = set()  # confirmed, yet left in the queue after the consumers drained
         with self.direct() as ch:  # what the workload left in the queue
-            while True:
-                method, _props, body = ch.basic_get(self.queue, auto_ack=True)
-                if method is None:
-                    break
-                if body.decode() not in ledger.consumed:
-                    stranded.add(body.decode())
-                ledger.consume(body.decode())
+            for message_id in drain(ch, self.queue):
+                if message_id not in ledger.consumed:
+                    stranded.add(message_id)
+                ledger.consume(message_id)
         confirmed = {m for m, o in ledger.outcome.items() if o == "confirmed"}
         pending = [m for m, o in ledger.outcome.items() if o == "pending"]
         unsettled = [m for m, o in ledger.outcome.items() if o in ("failed", "nacked")]

@@ -17,7 +17,7 @@ import pika
 import pika.exceptions
 import pytest
 
-from chaos.harness import CONNECT_TIMEOUT, MARGIN, UPSTREAM_HEARTBEAT, confirmed_roundtrip
+from chaos.harness import CONNECT_TIMEOUT, MARGIN, UPSTREAM_HEARTBEAT, confirmed_roundtrip, drain
 from chaos.workload import Endpoint
 
 # Recover mode: a client's publish waits while its channel is re-established (node restart,
@@ -296,11 +296,21 @@ def test_control_the_broker_alone_keeps_every_message_it_confirmed(own_broker, f
     durable queue until the fault ends its connection; after the restart every message the
     broker confirmed is in the queue. A loss through the proxy that this control does not show
     is the proxy's; one the control shows too is the broker's."""
-    url = own_broker.target().url()
+    target = own_broker.target()
+
+    def start_app_after_5_s() -> None:
+        time.sleep(5)  # stopped for 5 s, as in the soak
+        own_broker.start_app()
+
+    # The fault, and what brings the node back afterwards.
+    break_node, restore_node = {
+        "kill -9 and restart": (own_broker.kill9, own_broker.restart),
+        "stop_app 5 s/start_app": (own_broker.stop_app, start_app_after_5_s),
+    }[fault]
     queue = f"chaos-control-{uuid.uuid4().hex[:8]}"
 
     async def publish_until_the_fault() -> tuple[set[int], int]:
-        conn = await aio_pika.connect(url)
+        conn = await aio_pika.connect(target.url())
         channel = await conn.channel(publisher_confirms=True)
         await channel.declare_queue(queue, durable=True)
         confirmed: set[int] = set()
@@ -328,26 +338,14 @@ def test_control_the_broker_alone_keeps_every_message_it_confirmed(own_broker, f
 
     def fault_now() -> None:
         time.sleep(2)  # publishing at full speed meanwhile
-        if fault == "kill -9 and restart":
-            own_broker.kill9()
-        else:
-            own_broker.stop_app()
+        break_node()
 
     confirmed, published = asyncio.run(publish_until_the_fault())
-    if fault == "kill -9 and restart":
-        own_broker.restart()
-    else:
-        time.sleep(5)
-        own_broker.start_app()
-    kept: set[int] = set()
-    conn = pika.BlockingConnection(pika.ConnectionParameters(own_broker.host, own_broker.port))
+    restore_node()
+    conn = target.pika()
     try:
         ch = conn.channel()
-        while True:
-            method, _props, body = ch.basic_get(queue, auto_ack=True)
-            if method is None:
-                break
-            kept.add(int(body))
+        kept = {int(message) for message in drain(ch, queue)}
         ch.queue_delete(queue)
     finally:
         conn.close()
