@@ -85,14 +85,20 @@ def install_source_finder() -> None:
         sys.meta_path.insert(0, _SourceFinder(bool(os.environ.get(PURE_ENV))))
 
 
+def _from_source() -> dict[str, str]:
+    """The modules of `COMPILED` loaded from their .py, with that path (imports them all)."""
+    paths = {name: importlib.import_module(name).__file__ or "" for name in COMPILED}
+    return {name: path for name, path in paths.items() if path.endswith(".py")}
+
+
 def implementation() -> str:
     """'cython' when every module of `COMPILED` runs compiled, 'python' when none does, 'mixed'
     otherwise (some extensions are older than their sources: rebuild them, or the data path
     runs partly as Python). Imports the modules of `COMPILED`."""
-    compiled = [not (importlib.import_module(name).__file__ or "").endswith(".py") for name in COMPILED]
-    if all(compiled):
+    from_source = len(_from_source())
+    if not from_source:
         return "cython"
-    return "mixed" if any(compiled) else "python"
+    return "python" if from_source == len(COMPILED) else "mixed"
 
 
 def sources_instead_of_extensions() -> list[str]:
@@ -100,9 +106,8 @@ def sources_instead_of_extensions() -> list[str]:
     (older than the source), without AMQPROXY_PURE_PYTHON: worth a warning at start-up."""
     if os.environ.get(PURE_ENV):
         return []
-    stale = []
-    for name in COMPILED:
-        path = importlib.import_module(name).__file__ or ""
-        if path.endswith(".py") and _extension_of(os.path.dirname(path), name.rpartition(".")[2]) is not None:
-            stale.append(name)
-    return stale
+    return [
+        name
+        for name, path in _from_source().items()
+        if _extension_of(os.path.dirname(path), name.rpartition(".")[2]) is not None
+    ]
