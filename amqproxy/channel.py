@@ -114,6 +114,7 @@ class Link(ChannelGuard):
         "pending_deletes",
         "content",
         "waiter",
+        "cleaned",
         "open_pending",
         "draining",
         # recovery (see recovery.py); hot-path counters are plain attributes
@@ -151,6 +152,9 @@ class Link(ChannelGuard):
         # until complete so that the upstream never sees a partial message.
         self.content = bytearray()
         self.waiter: AsyncResult | None = None  # set by the proxy's own round trips (health checks)
+        # A cleanup channel's (Upstream.delete_queues): True at the broker's Close-Ok, which
+        # follows the queue.delete sent before the Close on the same channel.
+        self.cleaned: AsyncResult | None = None
         self.open_pending = False  # a pipelined upstream channel.open awaits its open-ok (watchdog)
         self.draining = False  # the proxy's own: reopened an id after crossing closes (Upstream.drain)
         self.record = ChannelRecord()  # settings, consumers, unanswered requests (control path only)

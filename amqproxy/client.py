@@ -228,6 +228,18 @@ class ClientSession(ClientChannels, HandshakeDriver):
         # greenlet (an upstream reader) while the session's read loop sits in recv().
         gevent.spawn_later(_CLOSE_OK_WAIT + 0.5, self._shutdown_socket)
 
+    def _delete_exclusive_queues(self, wait: float = 0.0) -> None:
+        """The client's exclusive queues go with it (the broker cannot see the client leave a
+        shared upstream connection). With `wait`, return once the broker has deleted them (or
+        the wait ends): a client that reconnects at once and redeclares, or another that looks
+        for the queue, must not find it. Idempotent: the registry hands each queue out once."""
+        deleted = []
+        for upstream, names in self.pool.exclusive.release_client(self).items():
+            if upstream.alive:
+                deleted += upstream.delete_queues(names)
+        if wait and deleted:
+            gevent.wait(deleted, timeout=wait)
+
     def _shutdown_socket(self) -> None:
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
@@ -256,9 +268,7 @@ class ClientSession(ClientChannels, HandshakeDriver):
         for blocker in self.blocked_by:
             blocker.forget_blocked(self)
         self.blocked_by.clear()
-        for upstream, names in self.pool.exclusive.release_client(self).items():
-            if upstream.alive:
-                upstream.delete_queues(names)
+        self._delete_exclusive_queues()
         self._on_end(self)
         if self.vhost is not None:
             self.metrics.client_closed(self.vhost, self.username, self.close_kind)
@@ -505,6 +515,9 @@ class ClientSession(ClientChannels, HandshakeDriver):
             self.close_kind = "client"
             self.closing = True
             self._release_channels()
+            # Close-Ok only once its exclusive queues are gone: a direct connection's go as it
+            # ends, so a client that has seen the Close-Ok must not find them still there.
+            self._delete_exclusive_queues(wait=_CLOSE_OK_WAIT)
             self.outbox.put(self.core.close_ok())
             return True
         if isinstance(action, SecretUpdated):

@@ -226,8 +226,11 @@ class Upstream(UpstreamHandshake, UpstreamReplies):
     def send_method(self, channel: int, method: tuple[int, int], **args: Any) -> None:
         self.send(method_frame(channel, encode_method(method, **args)))
 
-    def delete_queues(self, names: list[str]) -> None:
-        """Delete exclusive queues left by a departed client, each on a fresh channel of its own."""
+    def delete_queues(self, names: list[str]) -> list[AsyncResult]:
+        """Delete exclusive queues left by a departed client, each on a fresh channel of its own.
+        Returns one result per queue, True once the broker has deleted it (the channel's
+        Close-Ok), False if the connection died first."""
+        done: list[AsyncResult] = []
         for name in names:
             link = Link(None, 0, None, 0)
             if not self.attach(link):
@@ -235,13 +238,16 @@ class Upstream(UpstreamHandshake, UpstreamReplies):
                     "no free channel to delete an exclusive queue",
                     extra={"event": "exclusive_cleanup_skipped", "upstream_id": self.id},
                 )
-                return
+                break
+            link.cleaned = AsyncResult()
+            done.append(link.cleaned)
             ch = link.upstream_channel
             self.send(
                 method_frame(ch, _CHANNEL_OPEN)
                 + method_frame(ch, encode_method(c.QUEUE_DELETE, queue=name, nowait=True))
             )
             link.close_upstream(200, "exclusive queue cleanup")
+        return done
 
     # ------------------------------------------------------------------ reading
 
@@ -589,6 +595,9 @@ class Upstream(UpstreamHandshake, UpstreamReplies):
         for link in self.links.values():
             if link.waiter is not None:
                 link.waiter.set(False)
+            if link.cleaned is not None:
+                link.cleaned.set(False)
+                link.cleaned = None
         self.links.clear()
         self.pool.upstream_gone(self, unexpected=was_open, wanted=bool(clients))
         if was_open:

@@ -57,7 +57,7 @@ class UpstreamReplies:
     def send_method(self, channel: int, method: tuple[int, int], **args: object) -> None:
         raise NotImplementedError
 
-    def delete_queues(self, names: list[str]) -> None:
+    def delete_queues(self, names: list[str]) -> list[Any]:
         raise NotImplementedError
 
     def _on_watched(self, link: Link, method: tuple[int, int], payload: memoryview) -> bool | bytes:
@@ -173,5 +173,8 @@ class UpstreamReplies:
         """A Close or Close-Ok from the broker: what the read loop passes on to the client (the
         broker's frame, or a Close-Ok of ours answering the client's own Close)."""
         to_client, forward = link.close_event(event)
+        if link.cleaned is not None:  # a cleanup channel's queue.delete is done (or refused)
+            link.cleaned.set(event is CloseEvent.BROKER_CLOSE_OK)
+            link.cleaned = None
         # A broker Close or Close-Ok yields no Close of ours for the client, at most a Close-Ok.
         return CHANNEL_CLOSE_OK if to_client else forward

@@ -6,6 +6,9 @@ RESOURCE_LOCKED for other clients) and delete the queue when its owner
 disconnects.  The same scenario runs directly against the broker, where this
 is the broker's own behaviour."""
 
+import time
+import uuid
+
 import pika
 import pytest
 
@@ -78,12 +81,16 @@ def _exclusive_scenario(a_conn, b_conn, names):
 
 
 def _assert_gone(conn, q, timeout=5.0):
+    """The queue is gone within `timeout` of its owner's close. The broker deletes an exclusive
+    queue as its owner's connection process ends, a moment after the Close-Ok, so a probe may
+    still find it (405, or the declare-ok of an open queue) and is repeated until a 404."""
+
     def gone():
         ch = conn.channel()
         try:
             ch.queue_declare(q, passive=True)
         except pika.exceptions.ChannelClosedByBroker as e:
-            return (e.reply_code, e.reply_text)
+            return (e.reply_code, e.reply_text) if e.reply_code == 404 else None
         ch.close()
         return None
 
@@ -224,3 +231,37 @@ def test_exclusive_isolation_on_shared_upstream(proxy_factory, broker, names):
         for conn in (a, b):
             if conn.is_open:
                 conn.close()
+
+
+@pytest.mark.proxy_only
+def test_close_ok_follows_the_deletion_of_the_clients_exclusive_queues(proxy_factory, direct, names):
+    """A client that has its Close-Ok finds its exclusive queues gone, as with the broker, even
+    when the proxy's queue.delete is slow to reach the broker (a 500 ms latency between the
+    proxy and the broker, far longer than a direct probe takes). Before the Close-Ok waited for
+    the deletion, a probe on another connection got 405: the queue was still there."""
+    from chaos import toxiproxy_endpoint
+    from chaos.harness import Toxi
+
+    with toxiproxy_endpoint() as url:
+        route = Toxi(url).route(f"exclusive-{uuid.uuid4().hex[:8]}", f"{direct.host}:{direct.port}")
+        try:
+            proc = proxy_factory("--upstream", f"amqp://{route.listen}")
+            a = proc.target().pika()
+            q = names.queue("excl-slow")
+            a.channel().queue_declare(q, exclusive=True)
+            route.add_toxic(type="latency", stream="upstream", attributes={"latency": 500})
+            started = time.monotonic()
+            a.close()
+            closed_in = time.monotonic() - started
+            b = direct.pika()
+            try:
+                with pytest.raises(pika.exceptions.ChannelClosedByBroker) as ei:
+                    b.channel().queue_declare(q, passive=True)
+                assert (ei.value.reply_code, ei.value.reply_text) == (404, f"NOT_FOUND - no queue '{q}' in vhost '/'")
+            finally:
+                b.close()
+            # The close waited for the deletion (one trip through the latency), no longer than
+            # the proxy's bound for it.
+            assert 0.5 <= closed_in < 3.0 + 1.0, closed_in
+        finally:
+            route.destroy()
