@@ -3,6 +3,7 @@
     python loadtests/hotpath.py                      # CPU time per message, best of 7
     python loadtests/hotpath.py --callgrind          # instructions per message (valgrind)
     python loadtests/hotpath.py --callgrind --root /tmp/before   # another checkout's loops
+    python loadtests/hotpath.py --churn              # instructions per churn cycle (valgrind)
 
 The client leg (`ClientSession._forward_loop`) is fed reads of 100 whole 1 KB publishes on one
 channel, with and without content properties; the upstream leg (`Upstream._read_loop`) reads of
@@ -10,6 +11,14 @@ channel, with and without content properties; the upstream leg (`Upstream._read_
 run to run; `--callgrind` counts the instructions of two run lengths under valgrind and prints
 the difference per message, with PYTHONHASHSEED=0: the same number on every run, so a change
 of a few percent is visible (docs/BENCHMARKS.md records such before/after pairs).
+
+`--churn` counts what a short-lived client costs the whole proxy process: the real `amqproxy`
+(of `--root`, at its defaults) runs under valgrind in front of the broker at `--broker`, one
+client does connect, handshake, channel.open, publish 1, close, in a loop, and the counters are
+zeroed after a warm-up (`callgrind_control -z`) and read after `--cycles` cycles: instructions
+per cycle, accept to teardown, whatever the machine is doing (the churn workload of
+loadtests/bench.py measures the same cycle in seconds, which the noise of a shared VM hides).
+AMQPROXY_PURE_PYTHON=1 measures the Python reference instead of the compiled data path.
 """
 
 from __future__ import annotations
@@ -178,16 +187,71 @@ def callgrind(kind: str, root: Path) -> int:
     return (count(long * scale) - count(short * scale)) // ((long - short) * scale * PER_READ[kind])
 
 
+def churn(root: Path, broker: str, cycles: int) -> tuple[int, str]:
+    """Instructions per churn cycle of the proxy process, and the data path it ran."""
+    import socket
+    import tempfile
+
+    sys.path.insert(0, str(REPO_ROOT))
+    from loadtests.benchmark.client import encode_publish
+    from loadtests.benchmark.targets import Target
+    from loadtests.benchmark.workers import _raw_cycle
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "PYTHONHASHSEED": "0", "PYTHONPATH": str(root)}
+    out = Path(tempfile.mkdtemp(prefix="hotpath-churn-")) / "callgrind.out"
+    cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable, "-m", "amqproxy"]
+    cmd += ["--listen", f"127.0.0.1:{port}", "--upstream", f"amqp://{broker}", "--http-listen", "off"]
+    cmd += ["--log-level", "warning"]
+    proxy = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    target = Target("proxy", "127.0.0.1", port)
+    frames = encode_publish("hotpath-churn", b"x" * 1024)  # the default exchange drops it: no queue
+    try:
+        deadline = time.monotonic() + 120  # the interpreter's start-up under valgrind
+        while True:
+            try:
+                _raw_cycle(target, frames)
+                break
+            except OSError:
+                if proxy.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the proxy did not start under valgrind: {proxy.stderr.read()}") from None
+                time.sleep(0.5)
+        for _ in range(20):  # warm-up: the upstream connection, caches, the specialising interpreter
+            _raw_cycle(target, frames)
+        subprocess.run(["callgrind_control", "-z", str(proxy.pid)], check=True, capture_output=True)
+        for _ in range(cycles):
+            _raw_cycle(target, frames)
+        subprocess.run(["callgrind_control", "-d", str(proxy.pid)], check=True, capture_output=True)
+    finally:
+        proxy.terminate()
+        proxy.wait(60)
+    dump = Path(f"{out}.1").read_text(errors="replace")
+    total = int(re.search(r"^summary: (\d+)", dump, re.M).group(1))  # type: ignore[union-attr]
+    version = subprocess.run(
+        [sys.executable, "-m", "amqproxy", "--version"], cwd=root, env=env, capture_output=True, text=True
+    ).stdout.strip()
+    return total // cycles, version
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", type=Path, default=REPO_ROOT, help="checkout whose amqproxy is measured")
     ap.add_argument("--callgrind", action="store_true", help="instructions per message under valgrind")
+    ap.add_argument("--churn", action="store_true", help="instructions per churn cycle of the proxy process")
+    ap.add_argument("--broker", default="127.0.0.1:5672", help="--churn: the broker (guest/guest)")
+    ap.add_argument("--cycles", type=int, default=300, help="--churn: cycles counted after the warm-up")
     ap.add_argument("--one", choices=KINDS, help=argparse.SUPPRESS)  # a single run (for --callgrind)
     ap.add_argument("--reads", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
     sys.path.insert(0, str(args.root))
     if args.one:
         run(args.one, args.reads)
+        return 0
+    if args.churn:
+        per_cycle, version = churn(args.root, args.broker, args.cycles)
+        print(f"churn cycle {per_cycle:12,} instructions per cycle ({version}, {args.cycles} cycles)", flush=True)
         return 0
     for kind in KINDS:
         if args.callgrind:
