@@ -61,6 +61,7 @@ class OptionalBuildExt(build_ext):
         except Exception as exc:  # noqa: BLE001
             print(f"amqproxy: {ext.name} not compiled ({exc}); its pure-Python module is used")
 
+
 setup(
     name="amqproxy",
     version="0.1.0",

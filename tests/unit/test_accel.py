@@ -78,3 +78,25 @@ def test_this_test_run_uses_the_implementation_it_was_asked_for():
     if not expected:
         pytest.skip("AMQPROXY_TEST_IMPLEMENTATION not set (tox sets it)")
     assert accel.implementation() == expected
+
+
+def test_enum_members_read_as_plain_class_attributes():
+    """amqproxy drops 3.11's EnumType.__getattr__ (gone in 3.12): members, lookups by name and
+    value, and a member named like an Enum property still resolve; misses still raise."""
+    import enum
+
+    from amqproxy.protocol.closing import Effect
+
+    assert "__getattr__" not in vars(enum.EnumType)
+
+    class Odd(enum.Enum):
+        name = "n"  # shadows Enum.name: 3.11 puts a property in the class dict for it
+        value = "v"
+        PLAIN = "p"
+
+    assert Odd.name.value == "n" and Odd.value.name == "value" and Odd.PLAIN is Odd("p") is Odd["PLAIN"]
+    assert Effect.DRAIN is Effect("drain") is Effect["DRAIN"] and Effect.DRAIN.name == "DRAIN"
+    with pytest.raises(AttributeError):
+        Effect.MISSING  # noqa: B018
+    with pytest.raises(AttributeError):
+        Effect.__missing_dunder__  # noqa: B018
