@@ -25,7 +25,7 @@ import gevent
 
 from .admission import Admission
 from .client_channels import ClientChannels
-from .client_handshake import HandshakeDriver, Refused, SessionHost
+from .client_handshake import HandshakeDriver, HandshakeTimeout, Refused, SessionHost
 from .limits import CLIENT_BYTE_RATE, TokenBucket
 from .metrics import BYTES, CLIENT_TO_UPSTREAM, FORWARD_LATENCY_U2C, FRAMES
 from .outbox import Outbox
@@ -147,7 +147,7 @@ class ClientSession(ClientChannels, HandshakeDriver):
                 # bound is only a safety net over both.
                 cfg = self.config
                 bound = cfg.handshake_timeout + 2 * cfg.connect_timeout + cfg.pause_timeout + _CLOSE_OK_WAIT
-                with gevent.Timeout(bound, Refused("handshake timeout", timed_out=True)):
+                with gevent.Timeout(bound, HandshakeTimeout):
                     self._handshake()
             except Refused as exc:
                 self.close_reason = str(exc)

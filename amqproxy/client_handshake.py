@@ -48,6 +48,14 @@ class Refused(Exception):
         self.timed_out = timed_out
 
 
+class HandshakeTimeout(Refused):
+    """--handshake-timeout passed. Handed to `gevent.Timeout` as the class, not an instance:
+    only a read that does time out builds one, not every handshake read."""
+
+    def __init__(self) -> None:
+        super().__init__("handshake timeout", timed_out=True)
+
+
 class SessionHost(Protocol):
     """What a client session uses of the proxy that accepted it (server.Proxy)."""
 
@@ -205,8 +213,8 @@ class HandshakeDriver:
         """recv() within what is left of the client's --handshake-timeout."""
         remaining = self._handshake_deadline - time.monotonic()
         if remaining <= 0:
-            raise Refused("handshake timeout", timed_out=True)
-        with gevent.Timeout(remaining, Refused("handshake timeout", timed_out=True)):
+            raise HandshakeTimeout
+        with gevent.Timeout(remaining, HandshakeTimeout):
             return self.sock.recv(size)
 
     def _upstream_wait(self, call: Any, *args: Any) -> None:
