@@ -91,7 +91,7 @@ def drop_enum_getattr_hook() -> None:
     path compares states and effects that way a hundred times per short-lived client
     (`loadtests/hotpath.py --churn`: 1,000,174 instructions per cycle before, 956,119 after)."""
     if sys.version_info < (3, 12) and "__getattr__" in vars(enum.EnumType):
-        del enum.EnumType.__getattr__
+        delattr(enum.EnumType, "__getattr__")
 
 
 def install_source_finder() -> None:
