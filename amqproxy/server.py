@@ -1,8 +1,9 @@
 """Proxy: the accept loop, the janitor, and start/stop of everything else.
 
 Greenlets: the StreamServer accept loop runs each client (a `ClientSession`) in a handler
-greenlet of its own, one left idle by an earlier client when there is one (`HandlerGreenlets`); one janitor greenlet ticks once a second for heartbeats on both legs and idle
-upstream eviction; the admin HTTP server runs its own greenlets.
+greenlet of its own, one left idle by an earlier client when there is one (`HandlerGreenlets`);
+one janitor greenlet ticks once a second for heartbeats on both legs and idle upstream eviction;
+the admin HTTP server runs its own greenlets.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ class HandlerGreenlets:
             try:
                 handle(*args)
             except Exception:  # what Greenlet does with it: the hub prints it, the server goes on
-                get_hub().handle_error(gevent.getcurrent(), *sys.exc_info())
+                get_hub().handle_error(me, *sys.exc_info())
             handle, args = None, ()  # the last client's socket and session are not kept alive
             if len(self._idle) >= self._keep:
                 return

@@ -4,6 +4,7 @@ import gc
 import weakref
 
 import gevent
+import gevent.event
 import pytest
 
 from amqproxy.server import IDLE_HANDLER_NAME, HandlerGreenlets
@@ -58,16 +59,18 @@ def test_an_exception_is_reported_and_the_greenlet_serves_the_next_client(monkey
     reported = []
     monkeypatch.setattr(hub, "handle_error", lambda context, kind, value, tb: reported.append(kind))
 
+    ran_in = []
+
     def fail():
+        ran_in.append(gevent.getcurrent())
         raise RuntimeError("a bug in a handler")
 
-    ran_in = []
     spawn(fail)
     gevent.sleep(0)
     spawn(lambda: ran_in.append(gevent.getcurrent()))
     gevent.sleep(0)
     assert reported == [RuntimeError]
-    assert len(ran_in) == 1
+    assert len(ran_in) == 2 and ran_in[0] is ran_in[1]
 
 
 @pytest.mark.parametrize("keep", [0, 2])
